@@ -1,0 +1,330 @@
+"""`GaussianDiffusion`: the DDPM forward and reverse processes, the losses and the bound.
+
+The class validates inputs, holds the schedule, calls the model, and runs the fusable ops
+(q_sample, reverse_step, simple_loss, vlb_terms) through the backend seam in `fastddpm.ops`;
+the equations themselves live in `fastddpm.reference` and `fastddpm.gaussian`.
+
+``t`` is always a per-sample index into this diffusion's schedule ([B], int64); the model is
+called with the original timestep of that index (they differ only after `respace`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import reference
+from .ops import backend_for
+from .schedule import Coefficients, NoiseSchedule
+
+LOSSES = ("simple", "vlb", "hybrid")
+Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(allowed)}")
+    return value
+
+
+class GaussianDiffusion:
+    """DDPM (Ho et al. 2020) over a `NoiseSchedule`.
+
+    prediction: what the network outputs — "eps" (ε, the paper's), "x0", or "v".
+    variance: Σ_θ — "fixed_small" (β̃_t), "fixed_large" (β_t), or "learned_range"
+        (Nichol & Dhariwal; the network outputs 2×C channels, the second half interpolating
+        log β̃_t … log β_t).
+    loss: "simple" (L_simple, eq. (14)), "vlb" (T·L_t, an unbiased estimate of Σ_t L_t), or
+        "hybrid" (L_simple + λ·T·L_t with λ = ``hybrid_lambda`` and the mean stop-gradiented
+        in the bound term, Nichol & Dhariwal eq. (16)).
+    clip_denoised: clip the predicted x_0 to [−1, 1] when sampling and evaluating the bound.
+    levels: number of intensity levels of the data, for the discretized decoder L_0.
+    min_snr_gamma: weight each sample's loss by min-SNR-γ (Hang et al. 2023) when set.
+    backend: which implementation runs the fusable ops ("auto", "reference", …).
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        prediction: str = "eps",
+        variance: str = "fixed_small",
+        loss: str = "simple",
+        clip_denoised: bool = True,
+        levels: int = 256,
+        min_snr_gamma: float | None = None,
+        hybrid_lambda: float = 1e-3,
+        backend: str = "auto",
+    ):
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(levels, int) or levels < 2:
+            raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
+        if min_snr_gamma is not None and min_snr_gamma <= 0:
+            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
+        backend_for(backend, "cpu")  # validate the name now, not at the first step
+        self.schedule = schedule
+        self.prediction = _choice("prediction", prediction, reference.PREDICTIONS)
+        self.variance = _choice("variance", variance, reference.VARIANCES)
+        self.loss = _choice("loss", loss, LOSSES)
+        self.clip_denoised = bool(clip_denoised)
+        self.levels = levels
+        self.min_snr_gamma = min_snr_gamma
+        self.hybrid_lambda = hybrid_lambda
+        self.backend = backend
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.schedule)
+
+    def config(self) -> dict:
+        """The options (without schedule and backend) as a JSON-serialisable dict."""
+        return {
+            "prediction": self.prediction,
+            "variance": self.variance,
+            "loss": self.loss,
+            "clip_denoised": self.clip_denoised,
+            "levels": self.levels,
+            "min_snr_gamma": self.min_snr_gamma,
+            "hybrid_lambda": self.hybrid_lambda,
+        }
+
+    def respace(self, steps: int | Sequence[int]) -> "GaussianDiffusion":
+        """The same process on a sub-sequence of timesteps (see `NoiseSchedule.respace`)."""
+        return GaussianDiffusion(self.schedule.respace(steps), backend=self.backend, **self.config())
+
+    # ---- plumbing ---------------------------------------------------------------------
+
+    def coefficients(self, like: torch.Tensor) -> Coefficients:
+        """Schedule tables on ``like``'s device, float64 for float64 data and float32 otherwise."""
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return self.schedule.coefficients(like.device, dtype)
+
+    def _ops(self, x: torch.Tensor):
+        return backend_for(self.backend, x.device)
+
+    def _op_options(self, clip_denoised: bool | None = None) -> dict:
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
+        return {"prediction": self.prediction, "variance": self.variance, "clip_denoised": clip}
+
+    def _model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, coef: Coefficients) -> torch.Tensor:
+        out = model(x_t, coef.timesteps[t])
+        expected = list(x_t.shape)
+        if self.variance == "learned_range":
+            expected[1] *= 2
+        if list(out.shape) != expected:
+            raise ValueError(
+                f"model output has shape {tuple(out.shape)}, expected {tuple(expected)} "
+                f"(prediction={self.prediction!r}, variance={self.variance!r})"
+            )
+        return out
+
+    # ---- input checks -------------------------------------------------------------------
+
+    @staticmethod
+    def _check_images(name: str, x) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have shape [B, ...] with at least 2 dims, got {tuple(x.shape)}")
+
+    @staticmethod
+    def _check_like(name: str, x, like: torch.Tensor) -> None:
+        GaussianDiffusion._check_images(name, x)
+        if x.shape != like.shape:
+            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(like.shape)}")
+        if x.device != like.device:
+            raise ValueError(f"{name} is on {x.device}, expected {like.device}")
+
+    def _check_t(self, t, x: torch.Tensor) -> None:
+        if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"t must be an int64 tensor of timestep indices, got {getattr(t, 'dtype', type(t).__name__)}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must have shape [B] = ({x.shape[0]},), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"t is on {t.device}, expected {x.device}")
+        if t.numel() and not (0 <= int(t.min()) and int(t.max()) < self.num_timesteps):
+            raise ValueError(f"t out of range: values must lie in [0, {self.num_timesteps - 1}]")
+
+    def _checked(self, x: torch.Tensor, t, *others: tuple[str, torch.Tensor]) -> torch.Tensor:
+        self._check_t(t, x)
+        for name, other in others:
+            self._check_like(name, other, x)
+        return t.long()
+
+    # ---- forward process ------------------------------------------------------------------
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)  — eq. (4)."""
+        self._check_images("x0", x0)
+        noise = torch.randn_like(x0) if noise is None else noise
+        t = self._checked(x0, t, ("noise", noise))
+        return self._ops(x0).q_sample(x0, t, noise, self.coefficients(x0))
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
+        """(μ̃_t, β̃_t, log β̃_t clipped) of q(x_{t−1} | x_t, x_0)  — eq. (6), (7)."""
+        self._check_images("x0", x0)
+        t = self._checked(x0, t, ("x_t", x_t))
+        mean, variance, log_variance = reference.q_posterior(x0, x_t, t, self.coefficients(x0))
+        return mean, variance.expand_as(x0), log_variance.expand_as(x0)
+
+    # ---- reverse process --------------------------------------------------------------------
+
+    def p_mean_variance(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> dict:
+        """dict(mean, variance, log_variance, pred_x0) of p_θ(x_{t−1} | x_t)  — eq. (1), (11)."""
+        self._check_images("x_t", x_t)
+        t = self._checked(x_t, t)
+        coef = self.coefficients(x_t)
+        out = self._model_output(model, x_t, t, coef)
+        return reference.p_mean_variance(out, x_t, t, coef, **self._op_options())
+
+    def p_sample(
+        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, eta: float | None = None
+    ) -> torch.Tensor:
+        """One reverse step x_{t−1} ~ p_θ(x_{t−1} | x_t) (Algorithm 2), or DDIM(η) when ``eta`` is given."""
+        self._check_images("x_t", x_t)
+        noise = torch.randn_like(x_t) if noise is None else noise
+        t = self._checked(x_t, t, ("noise", noise))
+        _check_eta(eta)
+        coef = self.coefficients(x_t)
+        return self._step(model, x_t, t, noise, coef, eta)
+
+    def _step(self, model: Model, x_t, t, noise, coef: Coefficients, eta: float | None) -> torch.Tensor:
+        out = self._model_output(model, x_t, t, coef)
+        return self._ops(x_t).reverse_step(x_t, out, t, noise, coef, eta=eta, **self._op_options())
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Model,
+        shape: Sequence[int],
+        steps: int | Sequence[int] | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+        device: torch.device | str | None = None,
+    ) -> torch.Tensor:
+        """Draw samples [shape] by ancestral sampling from x_T ~ N(0, I) (Algorithm 2).
+
+        ``steps`` respaces to that many (or those) timesteps; ``eta`` switches to DDIM(η).
+        Noise comes from ``generator``; ``device`` defaults to the model's.
+        """
+        _check_eta(eta)
+        shape = tuple(int(s) for s in shape)
+        if len(shape) < 2 or min(shape) < 1:
+            raise ValueError(f"shape must be [B, ...] with positive sizes, got {shape}")
+        diffusion = self if steps is None else self.respace(steps)
+        if device is None:
+            params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+            device = params.device if params is not None else "cpu"
+        x = torch.randn(shape, generator=generator, device=device)
+        coef = diffusion.coefficients(x)
+        for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress):
+            t = torch.full((shape[0],), i, device=x.device, dtype=torch.int64)
+            z = torch.randn(shape, generator=generator, device=x.device)
+            x = diffusion._step(model, x, t, z, coef, eta)
+        return x
+
+    # ---- training --------------------------------------------------------------------------
+
+    def training_losses(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        t: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        weights: torch.Tensor | None = None,
+    ) -> dict:
+        """The training objective for a batch: dict(loss, per_sample, mse, vb, t).
+
+        ``t`` defaults to uniform timesteps, ``noise`` to N(0, I). ``weights`` [B] (e.g.
+        importance-sampling weights) multiply each sample's loss in the mean, together with
+        min-SNR-γ weights when configured. ``per_sample`` is each sample's unweighted loss
+        (what a loss-aware timestep sampler learns from); ``vb`` is L_t in bits/dim, or None.
+        """
+        self._check_images("x0", x0)
+        if self.variance == "learned_range" and self.loss == "simple":
+            raise ValueError("variance='learned_range' is only trained by loss='vlb' or 'hybrid', not 'simple'")
+        if t is None:
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
+        noise = torch.randn_like(x0) if noise is None else noise
+        t = self._checked(x0, t, ("noise", noise))
+        if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (x0.shape[0],)):
+            raise ValueError(f"weights must be a tensor of shape [B] = ({x0.shape[0]},)")
+        coef = self.coefficients(x0)
+        if self.min_snr_gamma is not None:
+            snr_weights = reference.min_snr_weights(t, coef, self.min_snr_gamma, self.prediction)
+            weights = snr_weights if weights is None else weights * snr_weights
+        ops = self._ops(x0)
+        x_t = ops.q_sample(x0, t, noise, coef)
+        out = self._model_output(model, x_t, t, coef)
+        pred, var_values = reference.split_model_output(out, self.variance)
+
+        terms = {"t": t, "mse": None, "vb": None}
+        loss = per_sample = 0
+        if self.loss in ("simple", "hybrid"):
+            loss, terms["mse"] = ops.simple_loss(pred, x0, noise, t, coef, prediction=self.prediction, weights=weights)
+            per_sample = terms["mse"]
+        if self.loss in ("vlb", "hybrid"):
+            # The bound trains Σ_θ; under "hybrid" the mean is learned by L_simple alone.
+            if self.loss == "vlb":
+                frozen = out
+            elif var_values is None:
+                frozen = pred.detach()
+            else:
+                frozen = torch.cat([pred.detach(), var_values], dim=1)
+            vb = ops.vlb_terms(frozen, x0, x_t, t, coef, levels=self.levels, **self._op_options(clip_denoised=False))
+            scale = self.num_timesteps * (1.0 if self.loss == "vlb" else self.hybrid_lambda)
+            weighted_vb = vb if weights is None else vb * weights
+            loss = loss + scale * weighted_vb.mean()
+            per_sample = per_sample + scale * vb
+            terms["vb"] = vb
+        return {"loss": loss, "per_sample": per_sample, **terms}
+
+    def training_loss(self, model: Model, x0: torch.Tensor, t=None, noise=None, weights=None) -> torch.Tensor:
+        """The scalar training loss (see `training_losses` for the per-sample terms)."""
+        return self.training_losses(model, x0, t=t, noise=noise, weights=weights)["loss"]
+
+    # ---- the variational bound ------------------------------------------------------------
+
+    def vlb_terms(self, model: Model, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample L_{t−1} (t > 0) or L_0 (t = 0) in bits/dim at the given x_t  — eq. (5)."""
+        self._check_images("x0", x0)
+        t = self._checked(x0, t, ("x_t", x_t))
+        coef = self.coefficients(x0)
+        out = self._model_output(model, x_t, t, coef)
+        return self._ops(x0).vlb_terms(out, x0, x_t, t, coef, levels=self.levels, **self._op_options())
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """Per-sample L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim."""
+        self._check_images("x0", x0)
+        return reference.prior_bpd(x0, self.coefficients(x0))
+
+    @torch.no_grad()
+    def nll(
+        self, model: Model, x0: torch.Tensor, generator: torch.Generator | None = None, progress: bool = True
+    ) -> dict:
+        """The full bound L = L_T + Σ_{t>1} L_{t−1} + L_0 in bits/dim, per image of the batch.
+
+        Returns dict(total_bpd [B], prior_bpd [B], decoder_bpd [B], vb [B, T]); vb[:, t] is the
+        term at index t (vb[:, 0] is the decoder L_0), each at x_t drawn from q(x_t | x_0).
+        """
+        self._check_images("x0", x0)
+        coef = self.coefficients(x0)
+        ops = self._ops(x0)
+        batch = x0.shape[0]
+        vb = torch.empty(batch, self.num_timesteps, dtype=x0.dtype, device=x0.device)
+        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="bits/dim", disable=not progress):
+            t = torch.full((batch,), i, device=x0.device, dtype=torch.int64)
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+            x_t = ops.q_sample(x0, t, noise, coef)
+            out = self._model_output(model, x_t, t, coef)
+            vb[:, i] = ops.vlb_terms(out, x0, x_t, t, coef, levels=self.levels, **self._op_options())
+        prior = reference.prior_bpd(x0, coef)
+        return {"total_bpd": vb.sum(1) + prior, "prior_bpd": prior, "decoder_bpd": vb[:, 0], "vb": vb}
+
+
+def _check_eta(eta: float | None) -> None:
+    if eta is not None and not 0.0 <= float(eta) <= 1.0:
+        raise ValueError(f"eta must lie in [0, 1] (0 is deterministic DDIM, 1 matches DDPM's variance), got {eta}")

@@ -1,0 +1,171 @@
+"""The eager reference: every operation a fused kernel implements, written from the equations.
+
+This is the ground truth for kernel parity tests and the "eager" row of every benchmark.
+Each op takes the schedule's `Coefficients` (device tables) and per-sample timestep indices
+``t`` [B] (int64, on the tables' device); scalars are gathered by t on the device, so nothing
+here syncs with the host or branches in Python on t. Noise always enters as an argument.
+
+Shapes: images are [B, ...]; a model output has the image's shape, or twice its channels
+(dim 1) with ``variance="learned_range"``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gaussian import discretized_gaussian_log_likelihood, mean_flat_bits, normal_kl
+from .schedule import Coefficients
+
+PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] values shaped [B, 1, ...] to broadcast against ``like`` [B, ...]."""
+    return values.view(-1, *([1] * (like.ndim - 1)))
+
+
+def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """table[t] per sample, broadcastable against ``like``."""
+    return _per_sample(table[t], like)
+
+
+# ---- forward process ------------------------------------------------------------------
+
+
+def q_sample(x0, t, noise, coef: Coefficients):
+    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε  — eq. (4)."""
+    return _at(coef.sqrt_alphas_cumprod, t, x0) * x0 + _at(coef.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+
+def q_posterior(x0, x_t, t, coef: Coefficients):
+    """μ̃_t(x_t, x_0), β̃_t and log β̃_t of q(x_{t−1} | x_t, x_0)  — eq. (6), (7).
+
+    β̃ is 0 at t = 0, so its log is clipped there to log β̃ of the next step."""
+    mean = _at(coef.posterior_mean_coef1, t, x0) * x0 + _at(coef.posterior_mean_coef2, t, x0) * x_t
+    return mean, _at(coef.posterior_variance, t, x0), _at(coef.posterior_log_variance_clipped, t, x0)
+
+
+# ---- reverse process --------------------------------------------------------------------
+
+
+def split_model_output(model_out, variance: str):
+    """(mean prediction, variance values or None): learned_range models emit 2C channels."""
+    if variance == "learned_range":
+        return model_out.chunk(2, dim=1)
+    return model_out, None
+
+
+def predict_x0(pred, x_t, t, coef: Coefficients, prediction: str):
+    """x̂_0 from the network's prediction of ε (eq. (4) solved for x_0), x_0 itself, or v = √ᾱ ε − √(1−ᾱ) x_0."""
+    if prediction == "eps":
+        return _at(coef.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _at(coef.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
+    if prediction == "x0":
+        return pred
+    return _at(coef.sqrt_alphas_cumprod, t, x_t) * x_t - _at(coef.sqrt_one_minus_alphas_cumprod, t, x_t) * pred
+
+
+def p_log_variance(var_values, t, coef: Coefficients, variance: str, like):
+    """log Σ_θ(x_t, t): β̃_t (fixed_small), β_t (fixed_large), or Nichol & Dhariwal's eq. (15)
+    interpolation v log β_t + (1 − v) log β̃_t with v = (output + 1)/2 (learned_range)."""
+    if variance == "fixed_small":
+        return _at(coef.posterior_log_variance_clipped, t, like)
+    if variance == "fixed_large":
+        return _at(coef.log_large_variance, t, like)
+    frac = (var_values + 1) / 2
+    return frac * _at(coef.log_betas, t, like) + (1 - frac) * _at(coef.posterior_log_variance_clipped, t, like)
+
+
+def p_mean_variance(model_out, x_t, t, coef: Coefficients, *, prediction: str, variance: str, clip_denoised: bool):
+    """p_θ(x_{t−1} | x_t) = N(μ_θ, Σ_θ): dict(mean, variance, log_variance, pred_x0)  — eq. (1), (11).
+
+    μ_θ is the posterior mean at the predicted x̂_0; for ε-prediction without clipping it is
+    exactly eq. (11), (x_t − β_t/√(1 − ᾱ_t) ε_θ)/√α_t.
+    """
+    pred, var_values = split_model_output(model_out, variance)
+    pred_x0 = predict_x0(pred, x_t, t, coef, prediction)
+    if clip_denoised:
+        pred_x0 = pred_x0.clamp(-1, 1)
+    mean, _, _ = q_posterior(pred_x0, x_t, t, coef)
+    log_variance = p_log_variance(var_values, t, coef, variance, x_t).expand_as(x_t)
+    return {"mean": mean, "variance": log_variance.exp(), "log_variance": log_variance, "pred_x0": pred_x0}
+
+
+def reverse_step(
+    x_t, model_out, t, noise, coef: Coefficients, *, prediction: str, variance: str, clip_denoised: bool, eta=None
+):
+    """One reverse step x_{t−1} from x_t, given the model output and the noise z.
+
+    Ancestral DDPM (Algorithm 2): x_{t−1} = μ_θ + σ_t z. DDIM(η) when ``eta`` is given
+    (Song et al. 2021, eq. (12)): x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ²) ε̂ + σ z with
+    σ = η √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1}). No noise is added at t = 0.
+    """
+    out = p_mean_variance(model_out, x_t, t, coef, prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+    nonzero = _per_sample((t > 0).to(x_t.dtype), x_t)
+    if eta is None:
+        return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
+    pred_x0 = out["pred_x0"]
+    abar, abar_prev = _at(coef.alphas_cumprod, t, x_t), _at(coef.alphas_cumprod_prev, t, x_t)
+    eps = (_at(coef.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_x0) / _at(coef.sqrt_recipm1_alphas_cumprod, t, x_t)
+    sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
+    mean = abar_prev.sqrt() * pred_x0 + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * eps
+    return mean + nonzero * sigma * noise
+
+
+# ---- losses -------------------------------------------------------------------------------
+
+
+def prediction_target(x0, noise, t, coef: Coefficients, prediction: str):
+    """What the network is trained to output: ε, x_0, or v = √ᾱ_t ε − √(1 − ᾱ_t) x_0."""
+    if prediction == "eps":
+        return noise
+    if prediction == "x0":
+        return x0
+    return _at(coef.sqrt_alphas_cumprod, t, x0) * noise - _at(coef.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+
+def simple_loss(pred, x0, noise, t, coef: Coefficients, *, prediction: str, weights=None):
+    """L_simple = E ‖target − prediction‖²  — eq. (14): (weighted mean over the batch, per-sample MSE).
+
+    ``pred`` is the mean-prediction part of the model output; ``weights`` [B] scales each
+    sample (min-SNR-γ, importance sampling) in the mean, not in the per-sample terms.
+    """
+    target = prediction_target(x0, noise, t, coef, prediction)
+    per_sample = (pred.to(target.dtype) - target).pow(2).mean(dim=tuple(range(1, x0.ndim)))
+    weighted = per_sample if weights is None else per_sample * weights
+    return weighted.mean(), per_sample
+
+
+def min_snr_weights(t, coef: Coefficients, gamma: float, prediction: str):
+    """Min-SNR-γ loss weights (Hang et al. 2023): min(SNR_t, γ) in x_0 units, converted to the target's units."""
+    abar = coef.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    clipped = snr.clamp(max=gamma)
+    if prediction == "eps":
+        return clipped / snr
+    if prediction == "x0":
+        return clipped
+    return clipped / (snr + 1)
+
+
+def vlb_terms(
+    model_out, x0, x_t, t, coef: Coefficients, *, prediction: str, variance: str, clip_denoised: bool, levels: int
+):
+    """Per-sample terms of the bound in bits/dim  — eq. (5):
+    L_{t−1} = KL(q(x_{t−1}|x_t, x_0) ‖ p_θ(x_{t−1}|x_t)) for t > 0, and the decoder
+    L_0 = −log p_θ(x_0|x_1) (discretized Gaussian over ``levels`` values) at t = 0."""
+    true_mean, _, true_log_variance = q_posterior(x0, x_t, t, coef)
+    out = p_mean_variance(model_out, x_t, t, coef, prediction=prediction, variance=variance, clip_denoised=clip_denoised)
+    kl = mean_flat_bits(normal_kl(true_mean, true_log_variance, out["mean"], out["log_variance"]))
+    decoder_nll = -mean_flat_bits(
+        discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"], levels)
+    )
+    return torch.where(t == 0, decoder_nll, kl)
+
+
+def prior_bpd(x0, coef: Coefficients):
+    """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim per sample."""
+    t = torch.full((x0.shape[0],), coef.num_timesteps - 1, device=x0.device, dtype=torch.int64)
+    mean = _at(coef.sqrt_alphas_cumprod, t, x0) * x0
+    log_variance = torch.log1p(-_at(coef.alphas_cumprod, t, x0)).expand_as(x0)
+    return mean_flat_bits(normal_kl(mean, log_variance, torch.zeros_like(x0), torch.zeros_like(x0)))

@@ -1,0 +1,75 @@
+"""The command line: help, one-line errors with a non-zero exit, and sampling from a checkpoint."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fastddpm import GaussianDiffusion, NoiseSchedule, UNet
+from fastddpm.checkpoint import save_checkpoint
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fastddpm", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = UNet.from_preset("ddpm-digits")
+    path = tmp_path_factory.mktemp("ck") / "checkpoint.safetensors"
+    save_checkpoint(path, model, GaussianDiffusion(NoiseSchedule.linear(20), levels=17),
+                    data={"name": "digits/train", "shape": [1, 8, 8], "levels": 17}, train={"grid_scale": 4})
+    return path
+
+
+@pytest.mark.parametrize("command", ["train", "sample"])
+def test_help_shows_defaults(command):
+    result = cli(command, "--help")
+    assert result.returncode == 0 and "(default:" in result.stdout
+
+
+def test_sample_writes_png_and_npz(checkpoint, tmp_path):
+    result = cli("sample", "--checkpoint", str(checkpoint), "--n", "5", "--batch-size", "2", "--out", str(tmp_path / "s.npz"))
+    assert result.returncode == 0, result.stderr
+    arrays = np.load(tmp_path / "s.npz")
+    assert arrays["arr_0"].shape == (5, 8, 8, 1) and arrays["arr_0"].dtype == np.uint8
+    result = cli("sample", "--checkpoint", str(checkpoint), "--n", "4", "--steps", "5", "--eta", "0", "--out", str(tmp_path / "s.png"))
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+
+    assert Image.open(tmp_path / "s.png").size == (4 * 22, 4 * 22)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sample", "--checkpoint", "nope.safetensors"], "checkpoint not found: nope.safetensors"),
+        (["sample", "--checkpoint", "{ck}", "--out", "x.jpg"], "--out must end in .png or .npz"),
+        (["sample", "--checkpoint", "{ck}", "--eta", "2", "--out", "{tmp}/x.png"], "eta must lie in [0, 1]"),
+        (["sample", "--checkpoint", "{ck}", "--steps", "50", "--out", "{tmp}/x.png"], "steps must be between 2 and 20"),
+        (["train", "--data", "/no/such/folder", "--out", "{tmp}/run"], "dataset path does not exist: /no/such/folder"),
+        (["train", "--steps", "0"], "expected a positive integer, got '0'"),
+        (["train", "--device", "gpu0"], "unknown device 'gpu0'"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(checkpoint, tmp_path, args, message):
+    result = cli(*[a.format(ck=checkpoint, tmp=tmp_path) for a in args], cwd=tmp_path)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 or lines[0].startswith("usage:")  # argparse prints usage, then one error line
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_device_without_cuda_is_refused(monkeypatch):
+    import argparse
+
+    from fastddpm import cli as cli_module
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(argparse.ArgumentTypeError, match="CUDA is not available"):
+        cli_module._device("cuda:0")
