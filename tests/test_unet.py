@@ -253,5 +253,5 @@ def test_config_from_dict_rejects_bad_keys():
 
 
 def test_model_keeps_config():
-    model = UNet.from_preset("ddpm-digits", dropout=0.0)
-    assert model.config == UNetConfig.from_dict({**PRESETS["ddpm-digits"].to_dict(), "dropout": 0.0})
+    model = UNet.from_preset("ddpm-digits", dropout=0.2)
+    assert model.config == UNetConfig.from_dict({**PRESETS["ddpm-digits"].to_dict(), "dropout": 0.2})
