@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import reference
+from . import reference, rng
 from .ops import backend_for
 from .schedule import Coefficients, NoiseSchedule
 
@@ -155,12 +155,19 @@ class GaussianDiffusion:
 
     # ---- forward process ------------------------------------------------------------------
 
-    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)  — eq. (4)."""
+    def q_sample(
+        self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+        seed: int | None = None, sample_index: int = 0, step: int = 0,
+    ) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I)  — eq. (4).
+
+        ε is ``noise``, else the noise contract's at (``seed``, ``sample_index`` + b, ``step``)
+        when a seed is given, else ``torch.randn``.
+        """
         self._check_images("x0", x0)
-        noise = torch.randn_like(x0) if noise is None else noise
-        t = self._checked(x0, t, ("noise", noise))
-        return self._ops(x0).q_sample(x0, t, noise, self.coefficients(x0))
+        noise = _default_noise(x0, noise, seed)
+        t = self._checked(x0, t, *_named("noise", noise))
+        return self._ops(x0).q_sample(x0, t, self.coefficients(x0), noise=noise, **_coordinates(seed, sample_index, step))
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(μ̃_t, β̃_t, log β̃_t clipped) of q(x_{t−1} | x_t, x_0)  — eq. (6), (7)."""
@@ -180,19 +187,24 @@ class GaussianDiffusion:
         return reference.p_mean_variance(out, x_t, t, coef, **self._op_options())
 
     def p_sample(
-        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None, eta: float | None = None
+        self, model: Model, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+        eta: float | None = None, seed: int | None = None, sample_index: int = 0,
     ) -> torch.Tensor:
-        """One reverse step x_{t−1} ~ p_θ(x_{t−1} | x_t) (Algorithm 2), or DDIM(η) when ``eta`` is given."""
+        """One reverse step x_{t−1} ~ p_θ(x_{t−1} | x_t) (Algorithm 2), or DDIM(η) when ``eta`` is given.
+
+        z is ``noise``, else the noise contract's at (``seed``, ``sample_index`` + b, t[b])
+        when a seed is given, else ``torch.randn``.
+        """
         self._check_images("x_t", x_t)
-        noise = torch.randn_like(x_t) if noise is None else noise
-        t = self._checked(x_t, t, ("noise", noise))
+        noise = _default_noise(x_t, noise, seed)
+        t = self._checked(x_t, t, *_named("noise", noise))
         _check_eta(eta)
         coef = self.coefficients(x_t)
-        return self._step(model, x_t, t, noise, coef, eta)
+        return self._step(model, x_t, t, coef, eta, noise=noise, **_coordinates(seed, sample_index))
 
-    def _step(self, model: Model, x_t, t, noise, coef: Coefficients, eta: float | None) -> torch.Tensor:
+    def _step(self, model: Model, x_t, t, coef: Coefficients, eta: float | None, **noise) -> torch.Tensor:
         out = self._model_output(model, x_t, t, coef)
-        return self._ops(x_t).reverse_step(x_t, out, t, noise, coef, eta=eta, **self._op_options())
+        return self._ops(x_t).reverse_step(x_t, out, t, coef, eta=eta, **noise, **self._op_options())
 
     @torch.no_grad()
     def sample(
@@ -204,11 +216,15 @@ class GaussianDiffusion:
         generator: torch.Generator | None = None,
         progress: bool = True,
         device: torch.device | str | None = None,
+        seed: int | None = None,
+        sample_index: int = 0,
     ) -> torch.Tensor:
         """Draw samples [shape] by ancestral sampling from x_T ~ N(0, I) (Algorithm 2).
 
         ``steps`` respaces to that many (or those) timesteps; ``eta`` switches to DDIM(η).
-        Noise comes from ``generator``; ``device`` defaults to the model's.
+        With a ``seed``, all noise follows the noise contract and image b is the image
+        ``sample_index`` + b of that seed, whatever the batch; otherwise noise comes from
+        ``generator``. ``device`` defaults to the model's.
         """
         _check_eta(eta)
         shape = tuple(int(s) for s in shape)
@@ -218,12 +234,17 @@ class GaussianDiffusion:
         if device is None:
             params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = params.device if params is not None else "cpu"
-        x = torch.randn(shape, generator=generator, device=device)
+        contract = _coordinates(seed, sample_index)
+        if seed is None:
+            x = torch.randn(shape, generator=generator, device=device)
+        else:
+            samples = sample_index + torch.arange(shape[0], device=device)
+            x = rng.normal(seed, samples, diffusion.num_timesteps, rng.STREAM_PRIOR, shape[1:])
         coef = diffusion.coefficients(x)
         for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.int64)
-            z = torch.randn(shape, generator=generator, device=x.device)
-            x = diffusion._step(model, x, t, z, coef, eta)
+            noise = contract or {"noise": torch.randn(shape, generator=generator, device=x.device)}
+            x = diffusion._step(model, x, t, coef, eta, **noise)
         return x
 
     # ---- training --------------------------------------------------------------------------
@@ -235,10 +256,15 @@ class GaussianDiffusion:
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         weights: torch.Tensor | None = None,
+        seed: int | None = None,
+        sample_index: int = 0,
+        step: int = 0,
     ) -> dict:
         """The training objective for a batch: dict(loss, per_sample, mse, vb, t).
 
-        ``t`` defaults to uniform timesteps, ``noise`` to N(0, I). ``weights`` [B] (e.g.
+        ``t`` defaults to uniform timesteps. ε is ``noise``, else the noise contract's at
+        (``seed``, ``sample_index`` + b, ``step``) — regenerated by the loss instead of
+        stored — when a seed is given, else ``torch.randn``. ``weights`` [B] (e.g.
         importance-sampling weights) multiply each sample's loss in the mean, together with
         min-SNR-γ weights when configured. ``per_sample`` is each sample's unweighted loss
         (what a loss-aware timestep sampler learns from); ``vb`` is L_t in bits/dim, or None.
@@ -248,8 +274,9 @@ class GaussianDiffusion:
             raise ValueError("variance='learned_range' is only trained by loss='vlb' or 'hybrid', not 'simple'")
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = torch.randn_like(x0) if noise is None else noise
-        t = self._checked(x0, t, ("noise", noise))
+        noise = _default_noise(x0, noise, seed)
+        t = self._checked(x0, t, *_named("noise", noise))
+        contract = _coordinates(seed, sample_index, step)
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (x0.shape[0],)):
             raise ValueError(f"weights must be a tensor of shape [B] = ({x0.shape[0]},)")
         coef = self.coefficients(x0)
@@ -257,14 +284,16 @@ class GaussianDiffusion:
             snr_weights = reference.min_snr_weights(t, coef, self.min_snr_gamma, self.prediction)
             weights = snr_weights if weights is None else weights * snr_weights
         ops = self._ops(x0)
-        x_t = ops.q_sample(x0, t, noise, coef)
+        x_t = ops.q_sample(x0, t, coef, noise=noise, **contract)
         out = self._model_output(model, x_t, t, coef)
         pred, var_values = reference.split_model_output(out, self.variance)
 
         terms = {"t": t, "mse": None, "vb": None}
         loss = per_sample = 0
         if self.loss in ("simple", "hybrid"):
-            loss, terms["mse"] = ops.simple_loss(pred, x0, noise, t, coef, prediction=self.prediction, weights=weights)
+            loss, terms["mse"] = ops.simple_loss(
+                pred, x0, t, coef, noise=noise, **contract, prediction=self.prediction, weights=weights
+            )
             per_sample = terms["mse"]
         if self.loss in ("vlb", "hybrid"):
             # The bound trains Σ_θ; under "hybrid" the mean is learned by L_simple alone.
@@ -282,9 +311,9 @@ class GaussianDiffusion:
             terms["vb"] = vb
         return {"loss": loss, "per_sample": per_sample, **terms}
 
-    def training_loss(self, model: Model, x0: torch.Tensor, t=None, noise=None, weights=None) -> torch.Tensor:
-        """The scalar training loss (see `training_losses` for the per-sample terms)."""
-        return self.training_losses(model, x0, t=t, noise=noise, weights=weights)["loss"]
+    def training_loss(self, model: Model, x0: torch.Tensor, t=None, noise=None, weights=None, **seed) -> torch.Tensor:
+        """The scalar training loss (see `training_losses` for the per-sample terms and ``seed``)."""
+        return self.training_losses(model, x0, t=t, noise=noise, weights=weights, **seed)["loss"]
 
     # ---- the variational bound ------------------------------------------------------------
 
@@ -318,11 +347,36 @@ class GaussianDiffusion:
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="bits/dim", disable=not progress):
             t = torch.full((batch,), i, device=x0.device, dtype=torch.int64)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x_t = ops.q_sample(x0, t, noise, coef)
+            x_t = ops.q_sample(x0, t, coef, noise=noise)
             out = self._model_output(model, x_t, t, coef)
             vb[:, i] = ops.vlb_terms(out, x0, x_t, t, coef, levels=self.levels, **self._op_options())
         prior = reference.prior_bpd(x0, coef)
         return {"total_bpd": vb.sum(1) + prior, "prior_bpd": prior, "decoder_bpd": vb[:, 0], "vb": vb}
+
+
+def _default_noise(like: torch.Tensor, noise: torch.Tensor | None, seed: int | None) -> torch.Tensor | None:
+    """The noise tensor an op gets: the given one, None (the op draws the contract's for ``seed``), or N(0, I)."""
+    if noise is not None or seed is not None:
+        return noise
+    return torch.randn_like(like)
+
+
+def _named(name: str, noise: torch.Tensor | None) -> tuple:
+    return () if noise is None else ((name, noise),)
+
+
+def _coordinates(seed: int | None, sample_index: int, step: int | None = None) -> dict:
+    """The noise contract's coordinates as op keywords (none without a seed)."""
+    if seed is None:
+        return {}
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
+    if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
+        raise ValueError(f"sample_index must be a non-negative integer, got {sample_index!r}")
+    coordinates = {"seed": seed, "sample_base": sample_index}
+    if step is not None:
+        coordinates["step"] = step
+    return coordinates
 
 
 def _check_eta(eta: float | None) -> None:

@@ -79,19 +79,22 @@ def _seed(seed: int) -> int:
     return seed
 
 
-def philox_words(seed: int, samples: torch.Tensor, step: int, stream: int, numel: int) -> torch.Tensor:
-    """The raw Philox outputs [B, 4, Q] (uint32 values in int64) for ``numel`` elements per sample."""
+def philox_words(seed: int, samples: torch.Tensor, step, stream: int, numel: int) -> torch.Tensor:
+    """The raw Philox outputs [B, 4, Q] (uint32 values in int64) for ``numel`` elements per sample;
+    ``step`` is one int or one per sample."""
     seed = _seed(seed)
     samples = torch.as_tensor(samples, dtype=torch.int64)
     quarter = -(-numel // 4)
     g = torch.arange(quarter, dtype=torch.int64, device=samples.device).expand(samples.numel(), quarter)
     b = (samples.reshape(-1, 1) & _MASK32).expand_as(g)
-    words = philox4x32(g, b, torch.full_like(g, step & _MASK32), torch.full_like(g, stream & _MASK32), seed)
+    s = (torch.as_tensor(step, dtype=torch.int64, device=samples.device).reshape(-1, 1) & _MASK32).expand_as(g)
+    words = philox4x32(g, b, s, torch.full_like(g, stream & _MASK32), seed)
     return torch.stack(words, dim=1)
 
 
-def normal(seed: int, samples: torch.Tensor, step: int, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Standard normals [B, *shape] (float32) for global sample indices ``samples`` [B]."""
+def normal(seed: int, samples: torch.Tensor, step, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Standard normals [B, *shape] (float32) for global sample indices ``samples`` [B] at
+    ``step`` (one int, or one per sample as the reverse step's t)."""
     numel = 1
     for s in shape:
         numel *= s

@@ -96,3 +96,9 @@ def test_bad_seed():
     for seed in (-1, 2**64, 1.5, True):
         with pytest.raises(ValueError, match="seed must be an integer"):
             rng.normal(seed, torch.tensor([0]), 0, 0, (4,))
+
+
+def test_per_sample_steps():
+    both = rng.normal(3, torch.tensor([0, 1]), torch.tensor([7, 9]), rng.STREAM_REVERSE, (10,))
+    assert torch.equal(both[0], rng.normal(3, torch.tensor([0]), 7, rng.STREAM_REVERSE, (10,))[0])
+    assert torch.equal(both[1], rng.normal(3, torch.tensor([1]), 9, rng.STREAM_REVERSE, (10,))[0])
