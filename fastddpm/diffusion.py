@@ -102,7 +102,7 @@ class GaussianDiffusion:
         return self.schedule.coefficients(like.device, dtype)
 
     def _ops(self, x: torch.Tensor):
-        return backend_for(self.backend, x.device)
+        return backend_for(self.backend, x.device, x.dtype)
 
     def _op_options(self, clip_denoised: bool | None = None) -> dict:
         clip = self.clip_denoised if clip_denoised is None else clip_denoised

@@ -1,23 +1,39 @@
-"""The seam where fused ops plug in.
+"""The fused ops, as torch operators, and the seam where GaussianDiffusion picks a backend.
 
-`GaussianDiffusion` runs q_sample, reverse_step, simple_loss and vlb_terms through a backend
-chosen here, by name or automatically by device. Every backend has the same methods; noise
-is either a tensor or, when ``noise`` is None, drawn from the noise contract (`fastddpm.rng`)
-at (seed, sample_base + b, step, stream) — the reverse step's step is each sample's t.
-The eager reference (`fastddpm.reference`) is the ground truth for all of them.
+Operators (``torch.ops.fastddpm.*``; float32 images, per-sample int64 ``t``, the schedule's
+``Coefficients.table``; see kernels/README.md for the ABI):
+
+    q_sample(x0, t, table, noise?, key) -> x_t
+    reverse_step(x_t, model_out, t, table, noise?, key, prediction, variance, clip_denoised, eta?) -> x_{t-1}
+    eps_loss(pred, x0, t, table, noise?, key, prediction) -> per-sample MSE [B]
+    vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels) -> bits/dim [B]
+
+Without a ``noise`` tensor an op draws the noise contract's normals (`fastddpm.rng`) at
+(seed, sample_base + b, step, stream), read from ``key`` = int64 [seed, sample_base, step] on
+the op's device; the reverse step's step is each sample's t. Keeping these in a tensor means
+new seeds and steps never recompile a `torch.compile`d graph and replay in a CUDA graph. CPU runs the
+native kernels, CUDA the Triton kernels, and any other case the eager reference
+(`fastddpm.reference`), which is the ground truth for all of them.
+
+`backend_for` gives GaussianDiffusion a backend object: `FusedOps` (these operators) or
+`ReferenceOps` (the reference called directly), with the same methods.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from . import reference, rng
 from .schedule import Coefficients
 
 
-def _contract_noise(like: torch.Tensor, seed: int, sample_base: int, step, stream: int) -> torch.Tensor:
+def _contract_noise(like: Tensor, seed: int, sample_base: int, step, stream: int) -> Tensor:
     samples = sample_base + torch.arange(like.shape[0], device=like.device)
-    return rng.normal(seed, samples, step, stream, tuple(like.shape[1:])).to(like.dtype)
+    return rng.normal(seed, samples, step, stream, tuple(like.shape[1:])).to(device=like.device, dtype=like.dtype)
 
 
 class ReferenceOps:
@@ -48,13 +64,270 @@ class ReferenceOps:
         return reference.vlb_terms(model_out, x0, x_t, t, coef, **options)
 
 
-BACKENDS = {"reference": ReferenceOps}
+# ---- input checks shared by every implementation ----------------------------------------------
 
 
-def backend_for(name: str, device: torch.device | str):
-    """The ops of backend ``name`` ("auto" picks the fastest one for ``device``)."""
+def _check(op: str, images: dict, t: Tensor, table: Tensor, model_out: Tensor | None = None,
+           learned: bool = False) -> None:
+    """Clear errors naming the argument: types, dtypes, devices, shapes, t's range."""
+    (first_name, first), *_ = images.items()
+    device = first.device
+    for name, x in images.items():
+        if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"fastddpm.{op}: {name} must be a float32 (or float64) tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if x.device != device:
+            raise ValueError(f"fastddpm.{op}: {name} is on {x.device} but {first_name} is on {device}")
+        if x.shape != first.shape:
+            raise ValueError(f"fastddpm.{op}: {name} has shape {tuple(x.shape)}, expected {tuple(first.shape)}")
+    if model_out is not None:
+        expected = list(first.shape)
+        expected[1] *= 2 if learned else 1
+        if model_out.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+            raise ValueError(f"fastddpm.{op}: model output must be float32, float16 or bfloat16, got {model_out.dtype}")
+        if model_out.device != device:
+            raise ValueError(f"fastddpm.{op}: model output is on {model_out.device} but {first_name} is on {device}")
+        if list(model_out.shape) != expected:
+            raise ValueError(f"fastddpm.{op}: model output has shape {tuple(model_out.shape)}, expected {tuple(expected)}")
+    if table.device != device or table.ndim != 2:
+        raise ValueError(f"fastddpm.{op}: table must be a [rows, T] tensor on {device}")
+    if t.dtype != torch.int64 or t.shape != (first.shape[0],) or t.device != device:
+        raise ValueError(f"fastddpm.{op}: t must be an int64 tensor of shape ({first.shape[0]},) on {device}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
+    # t's range needs its values: not while tracing with fake tensors or capturing a CUDA graph
+    symbolic = isinstance(t, FakeTensor) or t.device.type == "meta"
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if t.numel() and not symbolic and not capturing and not (0 <= int(t.min()) and int(t.max()) < table.shape[1]):
+        raise ValueError(f"fastddpm.{op}: t out of range: values must lie in [0, {table.shape[1] - 1}]")
+
+
+def _noise_images(x: Tensor, noise: Tensor | None, name: str = "x") -> dict:
+    return {name: x} if noise is None else {name: x, "noise": noise}
+
+
+# ---- operator implementations on the reference (the fallback for any device) -------------
+
+
+def noise_key(seed: int, sample_base: int = 0, step: int = 0, device: torch.device | str = "cpu") -> Tensor:
+    """The ``key`` tensor of the operators: int64 [seed, sample_base, step] on ``device``."""
+    return torch.tensor([seed, sample_base, step], dtype=torch.int64, device=device)
+
+
+def _check_key(op: str, key: Tensor, like: Tensor) -> None:
+    if not isinstance(key, Tensor) or key.dtype != torch.int64 or key.shape != (3,) or key.device != like.device:
+        raise ValueError(f"fastddpm.{op}: key must be an int64 tensor [seed, sample_base, step] on {like.device}")
+
+
+def _check_options(op: str, prediction: str, variance: str | None = None) -> None:
+    if prediction not in reference.PREDICTIONS:
+        raise ValueError(f"fastddpm.{op}: unknown prediction {prediction!r}; expected one of {reference.PREDICTIONS}")
+    if variance is not None and variance not in reference.VARIANCES:
+        raise ValueError(f"fastddpm.{op}: unknown variance {variance!r}; expected one of {reference.VARIANCES}")
+
+
+# Each operator's checks, shared by every implementation and by its fake (shape-only) version.
+
+
+def _check_q_sample(x0, t, table, noise, key) -> None:
+    _check("q_sample", _noise_images(x0, noise, "x0"), t, table)
+    _check_key("q_sample", key, x0)
+
+
+def _check_reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, clip_denoised, eta) -> None:
+    _check_options("reverse_step", prediction, variance)
+    _check("reverse_step", _noise_images(x_t, noise, "x_t"), t, table, model_out, variance == "learned_range")
+    _check_key("reverse_step", key, x_t)
+    if eta is not None and not 0.0 <= eta <= 1.0:
+        raise ValueError(f"fastddpm.reverse_step: eta must lie in [0, 1], got {eta}")
+
+
+def _check_eps_loss(pred, x0, t, table, noise, key, prediction) -> None:
+    _check_options("eps_loss", prediction)
+    _check("eps_loss", _noise_images(x0, noise, "x0"), t, table, pred)
+    _check_key("eps_loss", key, x0)
+
+
+def _check_vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels) -> None:
+    _check_options("vlb_terms", prediction, variance)
+    _check("vlb_terms", {"x0": x0, "x_t": x_t}, t, table, model_out, variance == "learned_range")
+    if levels < 2:
+        raise ValueError(f"fastddpm.vlb_terms: levels must be >= 2, got {levels}")
+
+
+# ---- operator implementations on the reference (the fallback for any device) -------------
+
+
+def _q_sample_ref(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], key: Tensor) -> Tensor:
+    _check_q_sample(x0, t, table, noise, key)
+    return ReferenceOps.q_sample(x0, t, Coefficients.from_table(table), noise, *key.tolist())
+
+
+def _reverse_step_ref(
+    x_t: Tensor, model_out: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], key: Tensor,
+    prediction: str, variance: str, clip_denoised: bool, eta: Optional[float],
+) -> Tensor:
+    _check_reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, clip_denoised, eta)
+    seed, sample_base, _ = key.tolist()
+    return ReferenceOps.reverse_step(
+        x_t, model_out.to(x_t.dtype), t, Coefficients.from_table(table), noise, seed, sample_base,
+        prediction=prediction, variance=variance, clip_denoised=clip_denoised, eta=eta,
+    )
+
+
+def _eps_loss_ref(
+    pred: Tensor, x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], key: Tensor, prediction: str
+) -> Tensor:
+    _check_eps_loss(pred, x0, t, table, noise, key, prediction)
+    coef = Coefficients.from_table(table)
+    return ReferenceOps.simple_loss(pred, x0, t, coef, noise, *key.tolist(), prediction=prediction)[1]
+
+
+def _eps_loss_backward_ref(
+    grad_per_sample: Tensor, pred: Tensor, x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor],
+    key: Tensor, prediction: str,
+) -> Tensor:
+    if noise is None:
+        seed, sample_base, step = key.tolist()
+        noise = _contract_noise(x0, seed, sample_base, step, rng.STREAM_TRAIN)
+    target = reference.prediction_target(x0, noise, t, Coefficients.from_table(table), prediction)
+    scale = (2.0 / x0[0].numel()) * grad_per_sample.view(-1, *([1] * (x0.ndim - 1)))
+    return ((pred.to(target.dtype) - target) * scale).to(pred.dtype)
+
+
+def _vlb_terms_ref(
+    model_out: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, table: Tensor, prediction: str, variance: str,
+    clip_denoised: bool, levels: int,
+) -> Tensor:
+    _check_vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels)
+    return _vlb_terms_math(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels)
+
+
+def _vlb_terms_math(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels):
+    return reference.vlb_terms(
+        model_out.to(x0.dtype), x0, x_t, t, Coefficients.from_table(table),
+        prediction=prediction, variance=variance, clip_denoised=clip_denoised, levels=levels,
+    )
+
+
+def _define(name: str, impl, check, output):
+    """The operator ``fastddpm::name`` running ``impl``; its fake runs ``check`` and makes ``output``."""
+    op = torch.library.custom_op(f"fastddpm::{name}", impl, mutates_args=())
+
+    @op.register_fake
+    def _(*args):
+        check(*args)
+        return output(*args)
+
+    return op
+
+
+def _like_first(first: Tensor, *args) -> Tensor:
+    return torch.empty_like(first, memory_format=torch.contiguous_format)
+
+
+def _per_sample(first: Tensor, *args) -> Tensor:
+    return first.new_empty((first.shape[0],), dtype=torch.float32)
+
+
+q_sample_op = _define("q_sample", _q_sample_ref, _check_q_sample, _like_first)
+reverse_step_op = _define("reverse_step", _reverse_step_ref, _check_reverse_step, _like_first)
+eps_loss_op = _define("eps_loss", _eps_loss_ref, _check_eps_loss, _per_sample)
+eps_loss_backward_op = _define(
+    "eps_loss_backward", _eps_loss_backward_ref, lambda *args: None, lambda grad, pred, *args: torch.empty_like(pred)
+)
+vlb_terms_op = _define("vlb_terms", _vlb_terms_ref, _check_vlb_terms, _per_sample)
+
+
+# ---- autograd -------------------------------------------------------------------------------
+
+
+def _q_sample_setup(ctx, inputs, output):
+    x0, t, table, noise, *_ = inputs
+    ctx.save_for_backward(t, table)
+    ctx.noise_given = noise is not None
+
+
+def _q_sample_backward(ctx, grad):
+    t, table = ctx.saved_tensors
+    coef = Coefficients.from_table(table)
+    grad_x0 = reference.at(coef.sqrt_alphas_cumprod, t, grad).to(grad.dtype) * grad
+    grad_noise = reference.at(coef.sqrt_one_minus_alphas_cumprod, t, grad).to(grad.dtype) * grad
+    return grad_x0, None, None, grad_noise if ctx.noise_given else None, None
+
+
+def _eps_loss_setup(ctx, inputs, output):
+    pred, x0, t, table, noise, key, prediction = inputs
+    ctx.save_for_backward(pred, x0, t, table, noise, key)
+    ctx.prediction = prediction
+
+
+def _eps_loss_backward(ctx, grad_per_sample):
+    pred, x0, t, table, noise, key = ctx.saved_tensors
+    grad = eps_loss_backward_op(grad_per_sample, pred, x0, t, table, noise, key, ctx.prediction)
+    return grad, None, None, None, None, None, None
+
+
+def _vlb_terms_setup(ctx, inputs, output):
+    model_out, x0, x_t, t, table, *options = inputs
+    ctx.save_for_backward(model_out, x0, x_t, t, table)
+    ctx.options = options
+
+
+def _vlb_terms_backward(ctx, grad):
+    """Recompute the bound through the reference and differentiate it (the bound's gradient
+    is only needed when training with loss="vlb"/"hybrid")."""
+    model_out, x0, x_t, t, table = ctx.saved_tensors
+    with torch.enable_grad():
+        out = model_out.detach().requires_grad_()
+        terms = _vlb_terms_math(out, x0, x_t, t, table, *ctx.options)
+        (grad_out,) = torch.autograd.grad(terms, out, grad)
+    return grad_out, None, None, None, None, None, None, None, None
+
+
+q_sample_op.register_autograd(_q_sample_backward, setup_context=_q_sample_setup)
+eps_loss_op.register_autograd(_eps_loss_backward, setup_context=_eps_loss_setup)
+vlb_terms_op.register_autograd(_vlb_terms_backward, setup_context=_vlb_terms_setup)
+
+
+# ---- the backend GaussianDiffusion calls ------------------------------------------------------
+
+
+class FusedOps:
+    """The torch operators above, with the methods of `ReferenceOps`."""
+
+    name = "fused"
+
+    @staticmethod
+    def q_sample(x0, t, coef: Coefficients, noise=None, seed=0, sample_base=0, step=0):
+        return q_sample_op(x0, t, coef.table, noise, noise_key(seed, sample_base, step, x0.device))
+
+    @staticmethod
+    def reverse_step(x_t, model_out, t, coef: Coefficients, noise=None, seed=0, sample_base=0, *, prediction,
+                     variance, clip_denoised, eta=None):
+        eta = None if eta is None else float(eta)
+        key = noise_key(seed, sample_base, 0, x_t.device)
+        return reverse_step_op(x_t, model_out, t, coef.table, noise, key, prediction, variance, clip_denoised, eta)
+
+    @staticmethod
+    def simple_loss(pred, x0, t, coef: Coefficients, noise=None, seed=0, sample_base=0, step=0, *, prediction,
+                    weights=None):
+        key = noise_key(seed, sample_base, step, x0.device)
+        per_sample = eps_loss_op(pred, x0, t, coef.table, noise, key, prediction)
+        weighted = per_sample if weights is None else per_sample * weights
+        return weighted.mean(), per_sample
+
+    @staticmethod
+    def vlb_terms(model_out, x0, x_t, t, coef: Coefficients, *, prediction, variance, clip_denoised, levels):
+        return vlb_terms_op(model_out, x0, x_t, t, coef.table, prediction, variance, clip_denoised, levels)
+
+
+BACKENDS = {"reference": ReferenceOps, "fused": FusedOps}
+
+
+def backend_for(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32):
+    """The ops of backend ``name``; "auto" runs float32 on the fused operators and float64 on
+    the reference (the kernels compute in float32)."""
     if name == "auto":
-        return ReferenceOps
+        return FusedOps if dtype != torch.float64 else ReferenceOps
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; known: auto, {', '.join(BACKENDS)}")
     return BACKENDS[name]

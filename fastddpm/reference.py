@@ -25,7 +25,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.view(-1, *([1] * (like.ndim - 1)))
 
 
-def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+def at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """table[t] per sample, broadcastable against ``like``."""
     return _per_sample(table[t], like)
 
@@ -35,15 +35,15 @@ def _at(table: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tenso
 
 def q_sample(x0, t, noise, coef: Coefficients):
     """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε  — eq. (4)."""
-    return _at(coef.sqrt_alphas_cumprod, t, x0) * x0 + _at(coef.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+    return at(coef.sqrt_alphas_cumprod, t, x0) * x0 + at(coef.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
 
 def q_posterior(x0, x_t, t, coef: Coefficients):
     """μ̃_t(x_t, x_0), β̃_t and log β̃_t of q(x_{t−1} | x_t, x_0)  — eq. (6), (7).
 
     β̃ is 0 at t = 0, so its log is clipped there to log β̃ of the next step."""
-    mean = _at(coef.posterior_mean_coef1, t, x0) * x0 + _at(coef.posterior_mean_coef2, t, x0) * x_t
-    return mean, _at(coef.posterior_variance, t, x0), _at(coef.posterior_log_variance_clipped, t, x0)
+    mean = at(coef.posterior_mean_coef1, t, x0) * x0 + at(coef.posterior_mean_coef2, t, x0) * x_t
+    return mean, at(coef.posterior_variance, t, x0), at(coef.posterior_log_variance_clipped, t, x0)
 
 
 # ---- reverse process --------------------------------------------------------------------
@@ -59,21 +59,21 @@ def split_model_output(model_out, variance: str):
 def predict_x0(pred, x_t, t, coef: Coefficients, prediction: str):
     """x̂_0 from the network's prediction of ε (eq. (4) solved for x_0), x_0 itself, or v = √ᾱ ε − √(1−ᾱ) x_0."""
     if prediction == "eps":
-        return _at(coef.sqrt_recip_alphas_cumprod, t, x_t) * x_t - _at(coef.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
+        return at(coef.sqrt_recip_alphas_cumprod, t, x_t) * x_t - at(coef.sqrt_recipm1_alphas_cumprod, t, x_t) * pred
     if prediction == "x0":
         return pred
-    return _at(coef.sqrt_alphas_cumprod, t, x_t) * x_t - _at(coef.sqrt_one_minus_alphas_cumprod, t, x_t) * pred
+    return at(coef.sqrt_alphas_cumprod, t, x_t) * x_t - at(coef.sqrt_one_minus_alphas_cumprod, t, x_t) * pred
 
 
 def p_log_variance(var_values, t, coef: Coefficients, variance: str, like):
     """log Σ_θ(x_t, t): β̃_t (fixed_small), β_t (fixed_large), or Nichol & Dhariwal's eq. (15)
     interpolation v log β_t + (1 − v) log β̃_t with v = (output + 1)/2 (learned_range)."""
     if variance == "fixed_small":
-        return _at(coef.posterior_log_variance_clipped, t, like)
+        return at(coef.posterior_log_variance_clipped, t, like)
     if variance == "fixed_large":
-        return _at(coef.log_large_variance, t, like)
+        return at(coef.log_large_variance, t, like)
     frac = (var_values + 1) / 2
-    return frac * _at(coef.log_betas, t, like) + (1 - frac) * _at(coef.posterior_log_variance_clipped, t, like)
+    return frac * at(coef.log_betas, t, like) + (1 - frac) * at(coef.posterior_log_variance_clipped, t, like)
 
 
 def p_mean_variance(model_out, x_t, t, coef: Coefficients, *, prediction: str, variance: str, clip_denoised: bool):
@@ -105,8 +105,8 @@ def reverse_step(
     if eta is None:
         return out["mean"] + nonzero * torch.exp(0.5 * out["log_variance"]) * noise
     pred_x0 = out["pred_x0"]
-    abar, abar_prev = _at(coef.alphas_cumprod, t, x_t), _at(coef.alphas_cumprod_prev, t, x_t)
-    eps = (_at(coef.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_x0) / _at(coef.sqrt_recipm1_alphas_cumprod, t, x_t)
+    abar, abar_prev = at(coef.alphas_cumprod, t, x_t), at(coef.alphas_cumprod_prev, t, x_t)
+    eps = (at(coef.sqrt_recip_alphas_cumprod, t, x_t) * x_t - pred_x0) / at(coef.sqrt_recipm1_alphas_cumprod, t, x_t)
     sigma = eta * torch.sqrt((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev))
     mean = abar_prev.sqrt() * pred_x0 + torch.sqrt((1 - abar_prev - sigma**2).clamp(min=0)) * eps
     return mean + nonzero * sigma * noise
@@ -121,7 +121,7 @@ def prediction_target(x0, noise, t, coef: Coefficients, prediction: str):
         return noise
     if prediction == "x0":
         return x0
-    return _at(coef.sqrt_alphas_cumprod, t, x0) * noise - _at(coef.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+    return at(coef.sqrt_alphas_cumprod, t, x0) * noise - at(coef.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
 
 def simple_loss(pred, x0, noise, t, coef: Coefficients, *, prediction: str, weights=None):
@@ -166,6 +166,6 @@ def vlb_terms(
 def prior_bpd(x0, coef: Coefficients):
     """L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim per sample."""
     t = torch.full((x0.shape[0],), coef.num_timesteps - 1, device=x0.device, dtype=torch.int64)
-    mean = _at(coef.sqrt_alphas_cumprod, t, x0) * x0
-    log_variance = torch.log1p(-_at(coef.alphas_cumprod, t, x0)).expand_as(x0)
+    mean = at(coef.sqrt_alphas_cumprod, t, x0) * x0
+    log_variance = torch.log1p(-at(coef.alphas_cumprod, t, x0)).expand_as(x0)
     return mean_flat_bits(normal_kl(mean, log_variance, torch.zeros_like(x0), torch.zeros_like(x0)))

@@ -189,7 +189,14 @@ class Coefficients:
         derived = {"log_betas": schedule.betas.log(), "log_large_variance": schedule.large_variance.log()}
         rows = [derived[n] if n in derived else getattr(schedule, n) for n in names]
         table = torch.stack(rows).to(device=device, dtype=dtype).contiguous()
-        return cls(table=table, timesteps=schedule.timesteps.to(device), **dict(zip(names, table.unbind(0))))
+        return cls.from_table(table, schedule.timesteps.to(device))
+
+    @classmethod
+    def from_table(cls, table: torch.Tensor, timesteps: torch.Tensor | None = None) -> "Coefficients":
+        """Coefficients viewing an existing ``table`` (as a kernel receives it)."""
+        if timesteps is None:
+            timesteps = torch.arange(table.shape[1], device=table.device)
+        return cls(table=table, timesteps=timesteps, **dict(zip(cls.row_names(), table.unbind(0))))
 
     @classmethod
     def row_names(cls) -> tuple[str, ...]:
