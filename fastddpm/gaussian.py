@@ -29,14 +29,17 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, levels: int):
     lower = inv_std * (x - mean - half_bin)
     log_cdf_upper = torch.special.log_ndtr(upper)  # log Φ(upper): the lowest bin, (−∞, x + δ]
     log_sf_lower = torch.special.log_ndtr(-lower)  # log (1 − Φ(lower)): the highest bin, [x − δ, ∞)
-    # Φ(upper) − Φ(lower) = Φ(−lower) − Φ(−upper); take the side away from the tail for accuracy.
-    mid = torch.where(
-        lower > 0,
-        torch.special.ndtr(-lower) - torch.special.ndtr(-upper),
-        torch.special.ndtr(upper) - torch.special.ndtr(lower),
-    )
-    log_mid = torch.log(mid.clamp(min=1e-12))
+    # Φ(upper) − Φ(lower) = Φ(−lower) − Φ(−upper): take the side away from the tail, with Φ from
+    # erfc in float64 — float32 ndtr is (1 + erf)/2, which loses every bin below ~1e-7.
+    upper64, lower64 = upper.double(), lower.double()
+    mid = torch.where(lower64 > 0, _cdf(-lower64) - _cdf(-upper64), _cdf(upper64) - _cdf(lower64))
+    log_mid = torch.log(mid.clamp(min=1e-12)).to(x.dtype)
     return torch.where(x < -1 + half_bin, log_cdf_upper, torch.where(x > 1 - half_bin, log_sf_lower, log_mid))
+
+
+def _cdf(z: torch.Tensor) -> torch.Tensor:
+    """Φ(z) = erfc(−z/√2)/2, accurate in the lower tail."""
+    return 0.5 * torch.special.erfc(-z / math.sqrt(2.0))
 
 
 def mean_flat_bits(nats: torch.Tensor) -> torch.Tensor:

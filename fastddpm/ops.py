@@ -5,7 +5,7 @@ Operators (``torch.ops.fastddpm.*``; float32 images, per-sample int64 ``t``, the
 
     q_sample(x0, t, table, noise?, key) -> x_t
     reverse_step(x_t, model_out, t, table, noise?, key, prediction, variance, clip_denoised, eta?) -> x_{t-1}
-    eps_loss(pred, x0, t, table, noise?, key, prediction) -> per-sample MSE [B]
+    eps_loss(pred, x0, t, table, noise?, key, prediction) -> (per-sample MSE [B], d MSE_b / d pred [B, ...])
     vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels) -> bits/dim [B]
 
 Without a ``noise`` tensor an op draws the noise contract's normals (`fastddpm.rng`) at
@@ -21,6 +21,7 @@ native kernels, CUDA the Triton kernels, and any other case the eager reference
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -175,22 +176,15 @@ def _reverse_step_ref(
 
 def _eps_loss_ref(
     pred: Tensor, x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], key: Tensor, prediction: str
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     _check_eps_loss(pred, x0, t, table, noise, key, prediction)
-    coef = Coefficients.from_table(table)
-    return ReferenceOps.simple_loss(pred, x0, t, coef, noise, *key.tolist(), prediction=prediction)[1]
-
-
-def _eps_loss_backward_ref(
-    grad_per_sample: Tensor, pred: Tensor, x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor],
-    key: Tensor, prediction: str,
-) -> Tensor:
     if noise is None:
         seed, sample_base, step = key.tolist()
         noise = _contract_noise(x0, seed, sample_base, step, rng.STREAM_TRAIN)
-    target = reference.prediction_target(x0, noise, t, Coefficients.from_table(table), prediction)
-    scale = (2.0 / x0[0].numel()) * grad_per_sample.view(-1, *([1] * (x0.ndim - 1)))
-    return ((pred.to(target.dtype) - target) * scale).to(pred.dtype)
+    coef = Coefficients.from_table(table)
+    _, per_sample = reference.simple_loss(pred, x0, noise, t, coef, prediction=prediction)
+    target = reference.prediction_target(x0, noise, t, coef, prediction)
+    return per_sample, (2.0 / x0[0].numel()) * (pred.to(target.dtype) - target)
 
 
 def _vlb_terms_ref(
@@ -228,13 +222,46 @@ def _per_sample(first: Tensor, *args) -> Tensor:
     return first.new_empty((first.shape[0],), dtype=torch.float32)
 
 
+def _per_sample_and_gradient(pred: Tensor, x0: Tensor, *args) -> tuple[Tensor, Tensor]:
+    return _per_sample(pred), torch.empty_like(x0, memory_format=torch.contiguous_format)
+
+
 q_sample_op = _define("q_sample", _q_sample_ref, _check_q_sample, _like_first)
 reverse_step_op = _define("reverse_step", _reverse_step_ref, _check_reverse_step, _like_first)
-eps_loss_op = _define("eps_loss", _eps_loss_ref, _check_eps_loss, _per_sample)
-eps_loss_backward_op = _define(
-    "eps_loss_backward", _eps_loss_backward_ref, lambda *args: None, lambda grad, pred, *args: torch.empty_like(pred)
-)
+eps_loss_op = _define("eps_loss", _eps_loss_ref, _check_eps_loss, _per_sample_and_gradient)
 vlb_terms_op = _define("vlb_terms", _vlb_terms_ref, _check_vlb_terms, _per_sample)
+
+
+# ---- the kernels: native on the CPU, Triton on CUDA ---------------------------------------
+
+
+def _on_kernel(kernel, check, fallback):
+    """An operator implementation: the checks, then ``kernel`` (float32 data) or ``fallback`` (float64)."""
+
+    def run(*args):
+        if any(isinstance(a, Tensor) and a.dtype == torch.float64 for a in args):
+            return fallback(*args)
+        check(*args)
+        return kernel(*args)
+
+    return run
+
+
+def _register(kernels, device: str) -> None:
+    q_sample_op.register_kernel(device)(_on_kernel(kernels.q_sample, _check_q_sample, _q_sample_ref))
+    reverse_step_op.register_kernel(device)(_on_kernel(kernels.reverse_step, _check_reverse_step, _reverse_step_ref))
+    eps_loss_op.register_kernel(device)(_on_kernel(kernels.eps_loss, _check_eps_loss, _eps_loss_ref))
+    vlb_terms_op.register_kernel(device)(_on_kernel(kernels.vlb_terms, _check_vlb_terms, _vlb_terms_ref))
+
+
+try:
+    from .kernels import native as native_kernels
+except ImportError as err:
+    native_kernels = None
+    warnings.warn(f"fastddpm: the native CPU kernels are not available ({err}); CPU ops run on the eager "
+                  "reference. Reinstall fastddpm with a C++17 compiler to build them.", stacklevel=2)
+else:
+    _register(native_kernels, "cpu")
 
 
 # ---- autograd -------------------------------------------------------------------------------
@@ -254,16 +281,17 @@ def _q_sample_backward(ctx, grad):
     return grad_x0, None, None, grad_noise if ctx.noise_given else None, None
 
 
+# The loss stores d MSE_b / d pred in its forward pass: on the CPU (2 threads, 64×3×32×32) that
+# costs 0.46 ms against 0.45 + 0.455 ms for a forward plus a backward that regenerates the target.
 def _eps_loss_setup(ctx, inputs, output):
-    pred, x0, t, table, noise, key, prediction = inputs
-    ctx.save_for_backward(pred, x0, t, table, noise, key)
-    ctx.prediction = prediction
+    ctx.pred_dtype = inputs[0].dtype
+    ctx.save_for_backward(output[1])
 
 
-def _eps_loss_backward(ctx, grad_per_sample):
-    pred, x0, t, table, noise, key = ctx.saved_tensors
-    grad = eps_loss_backward_op(grad_per_sample, pred, x0, t, table, noise, key, ctx.prediction)
-    return grad, None, None, None, None, None, None
+def _eps_loss_backward(ctx, grad_per_sample, _grad_of_gradient):
+    (gradient,) = ctx.saved_tensors
+    grad = gradient * grad_per_sample.view(-1, *([1] * (gradient.ndim - 1)))
+    return grad.to(ctx.pred_dtype), None, None, None, None, None, None
 
 
 def _vlb_terms_setup(ctx, inputs, output):
@@ -311,7 +339,7 @@ class FusedOps:
     def simple_loss(pred, x0, t, coef: Coefficients, noise=None, seed=0, sample_base=0, step=0, *, prediction,
                     weights=None):
         key = noise_key(seed, sample_base, step, x0.device)
-        per_sample = eps_loss_op(pred, x0, t, coef.table, noise, key, prediction)
+        per_sample, _ = eps_loss_op(pred, x0, t, coef.table, noise, key, prediction)
         weighted = per_sample if weights is None else per_sample * weights
         return weighted.mean(), per_sample
 

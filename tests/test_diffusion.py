@@ -349,3 +349,16 @@ def test_seeded_sampling_is_batch_invariant_and_repeatable(schedule):
     torch.testing.assert_close(d.sample(model, (6, 1, 3, 3), steps=8, seed=5, progress=False), batch, rtol=0, atol=0)
     other = d.sample(model, (6, 1, 3, 3), steps=8, seed=6, progress=False)
     assert (other != batch).float().mean() > 0.5  # (clipping to ±1 may make a few agree)
+
+
+def test_decoder_is_accurate_far_in_the_tail_in_float32():
+    """Bins 6–30σ from the mean: float32 (1 + erf)/2 would round them to 0 (clamped to 1e-12)."""
+    levels, half = 256, 1 / 255
+    sigma = 0.01
+    for k, offset in ((80, 0.062), (90, 0.066), (130, 0.07)):  # the mean 6–7.4σ below the bin
+        x = torch.tensor([-1 + 2 * half * k], dtype=torch.float32)
+        mean = x - offset
+        logp = discretized_gaussian_log_likelihood(x, mean, torch.full_like(x, math.log(sigma)), levels).item()
+        lo, hi = ((x - mean).item() - half) / sigma, ((x - mean).item() + half) / sigma
+        exact = math.log(0.5 * math.erfc(lo / math.sqrt(2)) - 0.5 * math.erfc(hi / math.sqrt(2)))
+        assert logp == pytest.approx(exact, rel=1e-4), (k, logp, exact)

@@ -61,7 +61,7 @@ def test_eps_loss_gradient_matches_reference_autograd(coef, prediction):
 def test_eps_loss_gradient_in_bfloat16(coef):
     x0, out, t = data(2)
     pred = out.bfloat16().requires_grad_()
-    per_sample = ops.eps_loss_op(pred, x0, t, coef.table, None, ops.noise_key(1), "eps")
+    per_sample, _ = ops.eps_loss_op(pred, x0, t, coef.table, None, ops.noise_key(1), "eps")
     per_sample.sum().backward()
     assert pred.grad.dtype == torch.bfloat16
     noise = rng.normal(1, torch.arange(B), 0, rng.STREAM_TRAIN, SHAPE)
@@ -90,7 +90,7 @@ def test_a_whole_training_step_compiles_without_graph_breaks():
 
     def loss_fn(x0, t, key):
         x_t = ops.q_sample_op(x0, t, coef.table, None, key)
-        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps").mean()
+        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps")[0].mean()
 
     counters.clear()
     # AOTAutograd traces the backward of the compiled forward into one joint graph
@@ -120,7 +120,7 @@ def test_training_step_compiles_with_inductor():
 
     def loss_fn(x0, t, key):
         x_t = ops.q_sample_op(x0, t, coef.table, None, key)
-        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps").mean()
+        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps")[0].mean()
 
     x0, t, key = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([3, 90]), ops.noise_key(1)
     loss = torch.compile(loss_fn, fullgraph=True)(x0, t, key)

@@ -1,0 +1,62 @@
+// Argument checks shared by the ops, run before any thread starts (a bad t would read outside
+// the table). They throw std::invalid_argument, which pybind11 raises as ValueError.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "dtype.h"
+#include "schedule.h"
+
+namespace fastddpm {
+
+inline void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+inline void check_sizes(int64_t B, int64_t N) {
+  require(B >= 0 && N >= 0, "B and N must be >= 0, got B=" + std::to_string(B) + ", N=" + std::to_string(N));
+}
+
+inline void check_pointer(const void* p, const char* name) {
+  require(p != nullptr, std::string(name) + " must not be a null pointer");
+}
+
+inline void check_timesteps(const int64_t* t, int64_t B, int64_t T) {
+  require(T >= 1, "T must be >= 1, got " + std::to_string(T));
+  for (int64_t b = 0; b < B; ++b) {
+    require(t[b] >= 0 && t[b] < T,
+            "t[" + std::to_string(b) + "] = " + std::to_string(t[b]) + " is outside [0, " + std::to_string(T) + ")");
+  }
+}
+
+inline void check_model(int dtype, int64_t batch_stride, int64_t N, bool learned) {
+  require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
+          "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  const int64_t need = learned ? 2 * N : N;
+  require(batch_stride >= need, "model batch stride " + std::to_string(batch_stride) + " is smaller than " +
+                                    std::to_string(need) + (learned ? " (2N: learned_range)" : " (N)"));
+}
+
+inline void check_prediction(int prediction) {
+  require(prediction == kEps || prediction == kX0 || prediction == kV,
+          "prediction must be 0 (eps), 1 (x0) or 2 (v), got " + std::to_string(prediction));
+}
+
+inline void check_variance(int variance) {
+  require(variance == kFixedSmall || variance == kFixedLarge || variance == kLearnedRange,
+          "variance must be 0 (fixed_small), 1 (fixed_large) or 2 (learned_range), got " + std::to_string(variance));
+}
+
+// Calls f(std::integral_constant<int, v>) for the runtime value v in [0, 3): a template
+// instance per dtype / prediction, so each inner loop is branch-free and vectorizes.
+template <class F>
+inline void dispatch3(int v, F&& f) {
+  if (v == 0) f(std::integral_constant<int, 0>{});
+  else if (v == 1) f(std::integral_constant<int, 1>{});
+  else f(std::integral_constant<int, 2>{});
+}
+
+}  // namespace fastddpm

@@ -1,0 +1,41 @@
+// The native CPU ops of the kernel ABI (kernels/README.md), on raw buffers: every image is a
+// contiguous float32 [B, N] (N = C·H·W) unless a batch stride says otherwise, `t` is int64 [B],
+// `table` is the float32 [rows, T] `Coefficients.table`. A null noise pointer means "generate
+// the contract's normals" (philox.h); a null optional output means "don't write it".
+#pragma once
+
+#include <cstdint>
+
+namespace fastddpm {
+
+// Standard normals [B, N] at (seed, sample_base + b, step, stream).
+void normal(float* out, int64_t B, int64_t N, uint64_t seed, int64_t sample_base, int64_t step, int64_t stream);
+
+// reference.reverse_step: x_{t−1} [B, N]; DDIM(eta) if ddim, ancestral DDPM otherwise.
+// Generated noise is at (seed, sample_base + b, t[b], STREAM_REVERSE). `out` may alias `x`.
+void reverse_step(float* out, const float* x, const void* model, int model_dtype, int64_t model_batch_stride,
+                  const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N, const float* noise,
+                  uint64_t seed, int64_t sample_base, int prediction, int variance, bool clip, bool ddim, double eta);
+
+// reference.q_sample: x_t [B, N]; generated noise at (seed, sample_base + b, step, STREAM_TRAIN).
+void q_sample(float* out, const float* x0, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,
+              const float* noise, uint64_t seed, int64_t sample_base, int64_t step);
+
+// reference.simple_loss per sample: per_sample[b] = mean_e (pred − target)², and if grad is
+// given, grad = 2 (pred − target) · weights[b] · grad_scale / (B·N) (weights null: 1).
+void eps_loss(float* per_sample, float* grad, const void* pred, int pred_dtype, int64_t pred_batch_stride,
+              const float* x0, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,
+              const float* noise, uint64_t seed, int64_t sample_base, int64_t step, int prediction,
+              const float* weights, double grad_scale);
+
+// The gradient alone, with the target regenerated: grad = 2 (pred − target) · coef[b].
+void eps_loss_grad(float* grad, const void* pred, int pred_dtype, int64_t pred_batch_stride, const float* x0,
+                   const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N, const float* noise,
+                   uint64_t seed, int64_t sample_base, int64_t step, int prediction, const float* coef);
+
+// reference.vlb_terms: [B] bits/dim, KL for t > 0 and the decoder NLL at t = 0.
+void vlb_terms(float* out, const void* model, int model_dtype, int64_t model_batch_stride, const float* x0,
+               const float* xt, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,
+               int prediction, int variance, bool clip, int64_t levels);
+
+}  // namespace fastddpm

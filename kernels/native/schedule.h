@@ -1,0 +1,52 @@
+// The kernel ABI's enums and the rows of `Coefficients.table` (fastddpm/schedule.py), in order.
+// tests/test_native.py holds `row_names()` (module.cpp) equal to `Coefficients.row_names()`.
+#pragma once
+
+#include <cstdint>
+
+namespace fastddpm {
+
+enum Prediction : int { kEps = 0, kX0 = 1, kV = 2 };
+enum Variance : int { kFixedSmall = 0, kFixedLarge = 1, kLearnedRange = 2 };
+
+enum Row : int {
+  kBetas,
+  kAlphasCumprod,
+  kAlphasCumprodPrev,
+  kSqrtAlphasCumprod,
+  kSqrtOneMinusAlphasCumprod,
+  kSqrtRecipAlphasCumprod,
+  kSqrtRecipm1AlphasCumprod,
+  kPosteriorMeanCoef1,
+  kPosteriorMeanCoef2,
+  kPosteriorVariance,
+  kPosteriorLogVarianceClipped,
+  kLogBetas,
+  kLogLargeVariance,
+  kNumRows,
+};
+
+inline constexpr const char* kRowNames[kNumRows] = {
+    "betas",
+    "alphas_cumprod",
+    "alphas_cumprod_prev",
+    "sqrt_alphas_cumprod",
+    "sqrt_one_minus_alphas_cumprod",
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_variance",
+    "posterior_log_variance_clipped",
+    "log_betas",
+    "log_large_variance",
+};
+
+// table[row, t] of the float32 [rows, T] table.
+struct Table {
+  const float* data;
+  int64_t T;
+  float at(Row row, int64_t t) const { return data[row * T + t]; }
+};
+
+}  // namespace fastddpm

@@ -1,0 +1,75 @@
+// Branch-free float32 log, exp and sin/cos that GCC and Clang vectorize inside `omp simd`
+// loops (libm calls do not vectorize without -ffast-math, which would break parity).
+// Each is within about 1 ulp on the range it is used on; the noise contract allows that
+// ("the same on every backend up to float rounding of log/sqrt/cos/sin").
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace fastddpm::vmath {
+
+static inline float from_bits(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+static inline uint32_t to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+// ln x for positive, normal, finite x (musl/FreeBSD logf: x = 2^k (1 + f), 1 + f ∈ [√½, √2)).
+static inline float log_positive(float x) {
+  constexpr float ln2_hi = 6.9313812256e-01f, ln2_lo = 9.0580006145e-06f;
+  constexpr float lg1 = 0xaaaaaa.0p-24f, lg2 = 0xccce13.0p-25f, lg3 = 0x91e9ee.0p-25f, lg4 = 0xf89e26.0p-26f;
+  uint32_t ix = to_bits(x) + (0x3f800000u - 0x3f3504f3u);
+  const float k = static_cast<float>(static_cast<int32_t>(ix >> 23) - 0x7f);
+  ix = (ix & 0x007fffffu) + 0x3f3504f3u;
+  const float f = from_bits(ix) - 1.0f;
+  const float s = f / (2.0f + f);
+  const float z = s * s, w = z * z;
+  const float r = z * (lg1 + w * lg3) + w * (lg2 + w * lg4);
+  const float hfsq = 0.5f * f * f;
+  return s * (hfsq + r) + k * ln2_lo - hfsq + f + k * ln2_hi;
+}
+
+// sin x and cos x for x ∈ [0, 8): quadrant reduction by π/2 (Cody–Waite, three parts) and
+// Cephes' minimax polynomials on [−π/4, π/4].
+static inline void sincos_0_8(float x, float& sin_x, float& cos_x) {
+  constexpr float two_over_pi = 0.636619772367581343f;
+  constexpr float pio2_1 = 1.5703125f, pio2_2 = 4.837512969970703125e-4f, pio2_3 = 7.54978995489188216e-8f;
+  const int32_t j = static_cast<int32_t>(x * two_over_pi + 0.5f);
+  const float fj = static_cast<float>(j);
+  const float r = ((x - fj * pio2_1) - fj * pio2_2) - fj * pio2_3;
+  const float z = r * r;
+  const float s = ((-1.9515295891e-4f * z + 8.3321608736e-3f) * z - 1.6666654611e-1f) * z * r + r;
+  const float c = ((2.443315711809948e-5f * z - 1.388731625493765e-3f) * z + 4.166664568298827e-2f) * z * z -
+                  0.5f * z + 1.0f;
+  const bool odd = (j & 1) != 0;
+  const float s1 = odd ? c : s, c1 = odd ? s : c;
+  sin_x = (j & 2) ? -s1 : s1;
+  cos_x = ((j + 1) & 2) ? -c1 : c1;
+}
+
+// e^x for any float x (Cephes expf: x = n ln 2 + r, |r| ≤ ½ ln 2, then p·2^n in two exact
+// factors so subnormal results round once); ∞ above 88.72, NaN stays NaN.
+static inline float exp(float x) {
+  constexpr float log2e = 1.44269504088896341f, ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  constexpr float round_magic = 12582912.0f;  // 1.5·2²³: adding it rounds to an integer
+  const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);  // e^−104 rounds to 0
+  const float n = (xc * log2e + round_magic) - round_magic;
+  const float r = (xc - n * ln2_hi) - n * ln2_lo;
+  const float p = (((((1.9875691500e-4f * r + 1.3981999507e-3f) * r + 8.3334519073e-3f) * r + 4.1665795894e-2f) * r +
+                    1.6666665459e-1f) * r + 5.0000001201e-1f) * (r * r) + r + 1.0f;
+  const int32_t ni = static_cast<int32_t>(n);
+  const int32_t half = ni >> 1;
+  const float y = p * from_bits(static_cast<uint32_t>(half + 127) << 23) *
+                  from_bits(static_cast<uint32_t>(ni - half + 127) << 23);
+  return x > 88.72283905f ? INFINITY : (x != x ? x : y);
+}
+
+}  // namespace fastddpm::vmath
