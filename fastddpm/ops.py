@@ -21,12 +21,13 @@ native kernels, CUDA the Triton kernels, and any other case the eager reference
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import reference, rng
 from .schedule import Coefficients
@@ -95,7 +96,7 @@ def _check(op: str, images: dict, t: Tensor, table: Tensor, model_out: Tensor | 
         raise ValueError(f"fastddpm.{op}: t must be an int64 tensor of shape ({first.shape[0]},) on {device}, "
                          f"got {t.dtype} {tuple(t.shape)} on {t.device}")
     # t's range needs its values: not while tracing with fake tensors or capturing a CUDA graph
-    symbolic = isinstance(t, FakeTensor) or t.device.type == "meta"
+    symbolic = is_fake(t) or t.device.type == "meta"
     capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
     if t.numel() and not symbolic and not capturing and not (0 <= int(t.min()) and int(t.max()) < table.shape[1]):
         raise ValueError(f"fastddpm.{op}: t out of range: values must lie in [0, {table.shape[1] - 1}]")
@@ -105,7 +106,39 @@ def _noise_images(x: Tensor, noise: Tensor | None, name: str = "x") -> dict:
     return {name: x} if noise is None else {name: x, "noise": noise}
 
 
-# ---- operator implementations on the reference (the fallback for any device) -------------
+# ---- the kernels: native on the CPU, Triton on CUDA ---------------------------------------
+
+
+def _on_kernel(kernel, check, fallback):
+    """An operator implementation: the checks, then ``kernel`` (float32 data) or ``fallback`` (float64)."""
+
+    @functools.wraps(fallback)  # the operator's signature, from which torch infers its schema
+    def run(*args):
+        if any(isinstance(a, Tensor) and a.dtype == torch.float64 for a in args):
+            return fallback(*args)
+        check(*args)
+        return kernel(*args)
+
+    return run
+
+
+try:
+    from .kernels import native as native_kernels
+except ImportError as err:
+    native_kernels = None
+    warnings.warn(f"fastddpm: the native CPU kernels are not available ({err}); CPU ops run on the eager "
+                  "reference. Reinstall fastddpm with a C++17 compiler to build them.", stacklevel=2)
+
+triton_kernels = None
+if torch.cuda.is_available():  # tracing a triton_op needs Triton's GPU driver
+    try:
+        from .kernels.triton import ops as triton_kernels
+    except ImportError as err:
+        warnings.warn(f"fastddpm: Triton is not available ({err}); CUDA ops run on the eager reference.",
+                      stacklevel=2)
+
+
+# ---- the noise key, and each operator's checks (shared by its implementations and its fake) ----
 
 
 def noise_key(seed: int, sample_base: int = 0, step: int = 0, device: torch.device | str = "cpu") -> Tensor:
@@ -123,9 +156,6 @@ def _check_options(op: str, prediction: str, variance: str | None = None) -> Non
         raise ValueError(f"fastddpm.{op}: unknown prediction {prediction!r}; expected one of {reference.PREDICTIONS}")
     if variance is not None and variance not in reference.VARIANCES:
         raise ValueError(f"fastddpm.{op}: unknown variance {variance!r}; expected one of {reference.VARIANCES}")
-
-
-# Each operator's checks, shared by every implementation and by its fake (shape-only) version.
 
 
 def _check_q_sample(x0, t, table, noise, key) -> None:
@@ -203,14 +233,23 @@ def _vlb_terms_math(model_out, x0, x_t, t, table, prediction, variance, clip_den
 
 
 def _define(name: str, impl, check, output):
-    """The operator ``fastddpm::name`` running ``impl``; its fake runs ``check`` and makes ``output``."""
-    op = torch.library.custom_op(f"fastddpm::{name}", impl, mutates_args=())
+    """The operator ``fastddpm::name``: with Triton, a `triton_op` whose CUDA implementation the
+    compiler can trace into (the checks, then the launcher of kernels/triton); else a custom op
+    on ``impl``, the reference, with a fake that runs ``check`` and makes ``output``."""
+    if triton_kernels is not None:
+        op = torch.library.triton_op(
+            f"fastddpm::{name}", _on_kernel(getattr(triton_kernels, name), check, impl), mutates_args=()
+        )
+    else:
+        op = torch.library.custom_op(f"fastddpm::{name}", impl, mutates_args=())
 
-    @op.register_fake
-    def _(*args):
-        check(*args)
-        return output(*args)
+        @op.register_fake
+        def _(*args):
+            check(*args)
+            return output(*args)
 
+    cpu = impl if native_kernels is None else _on_kernel(getattr(native_kernels, name), check, impl)
+    op.register_kernel("cpu")(cpu)
     return op
 
 
@@ -230,38 +269,6 @@ q_sample_op = _define("q_sample", _q_sample_ref, _check_q_sample, _like_first)
 reverse_step_op = _define("reverse_step", _reverse_step_ref, _check_reverse_step, _like_first)
 eps_loss_op = _define("eps_loss", _eps_loss_ref, _check_eps_loss, _per_sample_and_gradient)
 vlb_terms_op = _define("vlb_terms", _vlb_terms_ref, _check_vlb_terms, _per_sample)
-
-
-# ---- the kernels: native on the CPU, Triton on CUDA ---------------------------------------
-
-
-def _on_kernel(kernel, check, fallback):
-    """An operator implementation: the checks, then ``kernel`` (float32 data) or ``fallback`` (float64)."""
-
-    def run(*args):
-        if any(isinstance(a, Tensor) and a.dtype == torch.float64 for a in args):
-            return fallback(*args)
-        check(*args)
-        return kernel(*args)
-
-    return run
-
-
-def _register(kernels, device: str) -> None:
-    q_sample_op.register_kernel(device)(_on_kernel(kernels.q_sample, _check_q_sample, _q_sample_ref))
-    reverse_step_op.register_kernel(device)(_on_kernel(kernels.reverse_step, _check_reverse_step, _reverse_step_ref))
-    eps_loss_op.register_kernel(device)(_on_kernel(kernels.eps_loss, _check_eps_loss, _eps_loss_ref))
-    vlb_terms_op.register_kernel(device)(_on_kernel(kernels.vlb_terms, _check_vlb_terms, _vlb_terms_ref))
-
-
-try:
-    from .kernels import native as native_kernels
-except ImportError as err:
-    native_kernels = None
-    warnings.warn(f"fastddpm: the native CPU kernels are not available ({err}); CPU ops run on the eager "
-                  "reference. Reinstall fastddpm with a C++17 compiler to build them.", stacklevel=2)
-else:
-    _register(native_kernels, "cpu")
 
 
 # ---- autograd -------------------------------------------------------------------------------

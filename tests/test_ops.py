@@ -158,3 +158,23 @@ def test_bad_inputs_name_the_argument(coef):
 def test_coefficients_from_table_views_the_same_rows(coef):
     again = Coefficients.from_table(coef.table)
     assert again.posterior_mean_coef1.data_ptr() == coef.posterior_mean_coef1.data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_operators_on_cuda_run_triton_and_match_the_reference():
+    assert ops.triton_kernels is not None, "CUDA is available but the Triton kernels did not load"
+    coef = NoiseSchedule.linear(1000).coefficients("cuda")
+    x, out, t = (a.cuda() for a in data(4, channels=6))
+    z = torch.randn_like(x)
+    options = dict(prediction="eps", variance="learned_range", clip_denoised=True)
+    fused = ops.FusedOps.reverse_step(x, out, t, coef, noise=z, **options)
+    torch.testing.assert_close(fused, reference.reverse_step(x, out, t, z, coef, **options), rtol=1e-5, atol=1e-5)
+    model = UNet.from_preset("ddpm-tiny").cuda()
+
+    def loss_fn(x0, t, key):
+        x_t = ops.q_sample_op(x0, t, coef.table, None, key)
+        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps")[0].mean()
+
+    x0, t, key = torch.rand(2, 3, 16, 16, device="cuda") * 2 - 1, torch.tensor([3, 900], device="cuda"), ops.noise_key(1, device="cuda")
+    torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(x0, t, key), loss_fn(x0, t, key), rtol=1e-4, atol=1e-6)
