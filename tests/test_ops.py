@@ -178,3 +178,25 @@ def test_operators_on_cuda_run_triton_and_match_the_reference():
 
     x0, t, key = torch.rand(2, 3, 16, 16, device="cuda") * 2 - 1, torch.tensor([3, 900], device="cuda"), ops.noise_key(1, device="cuda")
     torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(x0, t, key), loss_fn(x0, t, key), rtol=1e-4, atol=1e-6)
+
+
+def test_without_the_native_extension_cpu_ops_fall_back_with_one_warning():
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['fastddpm._native'] = None  # as if the extension was never built\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import torch\n"
+        "    from fastddpm import GaussianDiffusion, NoiseSchedule, ops\n"
+        "    d = GaussianDiffusion(NoiseSchedule.linear(10))\n"
+        "    x = d.q_sample(torch.zeros(2, 3), torch.tensor([1, 2]), seed=1)\n"
+        "    x = d.q_sample(torch.zeros(2, 3), torch.tensor([1, 2]), seed=1)\n"
+        "native = [w for w in caught if 'native CPU kernels are not available' in str(w.message)]\n"
+        "assert ops.native_kernels is None and len(native) == 1, [str(w.message) for w in caught]\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
