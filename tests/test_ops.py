@@ -83,14 +83,22 @@ def test_q_sample_and_vlb_gradients(coef):
     torch.testing.assert_close(fused.grad, ref.grad)
 
 
+def training_loss(model, coef):
+    """A training step's forward on the operators: q_sample, the model, eps_loss, the mean."""
+
+    def loss_fn(x0, t, key):
+        x_t = ops.q_sample_op(x0, t, coef.table, None, key)
+        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps")[0].mean()
+
+    return loss_fn
+
+
 def test_a_whole_training_step_compiles_without_graph_breaks():
     torch.manual_seed(0)
     model = UNet.from_preset("ddpm-tiny")
     coef = NoiseSchedule.linear(100).coefficients("cpu")
 
-    def loss_fn(x0, t, key):
-        x_t = ops.q_sample_op(x0, t, coef.table, None, key)
-        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps")[0].mean()
+    loss_fn = training_loss(model, coef)
 
     counters.clear()
     # AOTAutograd traces the backward of the compiled forward into one joint graph
@@ -118,9 +126,7 @@ def test_training_step_compiles_with_inductor():
     model = UNet.from_preset("ddpm-tiny")
     coef = NoiseSchedule.linear(100).coefficients("cpu")
 
-    def loss_fn(x0, t, key):
-        x_t = ops.q_sample_op(x0, t, coef.table, None, key)
-        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps")[0].mean()
+    loss_fn = training_loss(model, coef)
 
     x0, t, key = torch.rand(2, 3, 16, 16) * 2 - 1, torch.tensor([3, 90]), ops.noise_key(1)
     loss = torch.compile(loss_fn, fullgraph=True)(x0, t, key)
@@ -172,9 +178,7 @@ def test_operators_on_cuda_run_triton_and_match_the_reference():
     torch.testing.assert_close(fused, reference.reverse_step(x, out, t, z, coef, **options), rtol=1e-5, atol=1e-5)
     model = UNet.from_preset("ddpm-tiny").cuda()
 
-    def loss_fn(x0, t, key):
-        x_t = ops.q_sample_op(x0, t, coef.table, None, key)
-        return ops.eps_loss_op(model(x_t, t), x0, t, coef.table, None, key, "eps")[0].mean()
+    loss_fn = training_loss(model, coef)
 
     x0, t, key = torch.rand(2, 3, 16, 16, device="cuda") * 2 - 1, torch.tensor([3, 900], device="cuda"), ops.noise_key(1, device="cuda")
     torch.testing.assert_close(torch.compile(loss_fn, fullgraph=True)(x0, t, key), loss_fn(x0, t, key), rtol=1e-4, atol=1e-6)
