@@ -19,10 +19,11 @@ NATIVE = Path("kernels/native")
 REQUIRE_NATIVE = os.environ.get("FASTDDPM_REQUIRE_NATIVE") == "1"
 BUILD_ERRORS = (CCompilerError, ExecError, PlatformError, OSError)
 
-# Portable code the compiler vectorizes for the baseline ISA (no -march=native: wheels run on
-# other CPUs). No contraction into FMA, so results are the reference's operation by operation
-# on every CPU. No errno and no FP traps (neither changes a value): without them GCC 12 keeps
-# sqrt calls and the selects of float compares as branches, and the noise loop stays scalar.
+# Baseline ISA (no -march: wheels run on any x86-64); the hot loops carry their own AVX2 and
+# AVX-512 versions, picked at load time (kernels/native/simd.h). No contraction into FMA, so
+# results are the reference's operation by operation on every CPU and in every version. No
+# errno and no FP traps (neither changes a value): without them GCC 12 keeps sqrt calls and the
+# selects of float compares as branches, and the noise loop stays scalar.
 UNIX_FLAGS = ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
 MSVC_FLAGS = ["/O2", "/fp:precise"]
 OPENMP_PROBE = "#include <omp.h>\nint probe() { return omp_get_max_threads(); }\n"

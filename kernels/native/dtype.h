@@ -13,7 +13,7 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // IEEE binary16 → binary32, exact for every input: normals by re-biasing the exponent,
 // subnormals as integer · 2⁻²⁴ (so a DAZ/FTZ floating-point mode cannot flush them),
 // ±inf and NaN (payload kept) by widening the all-ones exponent.
-static inline float half_to_float(uint16_t h) {
+static FASTDDPM_INLINE float half_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t magnitude = h & 0x7fffu;
   const uint32_t normal = (magnitude << 13) + ((127u - 15u) << 23);
@@ -24,10 +24,12 @@ static inline float half_to_float(uint16_t h) {
 }
 
 // bfloat16 is the top half of a float32.
-static inline float bfloat16_to_float(uint16_t h) { return vmath::from_bits(static_cast<uint32_t>(h) << 16); }
+static FASTDDPM_INLINE float bfloat16_to_float(uint16_t h) {
+  return vmath::from_bits(static_cast<uint32_t>(h) << 16);
+}
 
 template <int DT>
-static inline float load(const void* base, int64_t i) {
+static FASTDDPM_INLINE float load(const void* base, int64_t i) {
   if constexpr (DT == kFloat32) {
     return static_cast<const float*>(base)[i];
   } else if constexpr (DT == kFloat16) {
@@ -38,7 +40,7 @@ static inline float load(const void* base, int64_t i) {
 }
 
 template <int DT>
-static inline const void* offset(const void* base, int64_t elements) {
+static FASTDDPM_INLINE const void* offset(const void* base, int64_t elements) {
   constexpr int64_t bytes = DT == kFloat32 ? 4 : 2;
   return static_cast<const char*>(base) + elements * bytes;
 }

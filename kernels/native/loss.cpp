@@ -1,5 +1,6 @@
-// eps_loss and eps_loss_grad: L_simple (reference.simple_loss) per sample, and its gradient
-// with respect to the prediction, the target regenerated from the noise contract.
+// eps_loss: L_simple (reference.simple_loss) per sample, and its gradient with respect to the
+// prediction, written in the same pass.
+// The gradient is stored, not regenerated in backward: 0.46 ms vs 0.45 + 0.455 ms at 64×3×32×32 (2 cores).
 #include <vector>
 
 #include "checks.h"
@@ -7,32 +8,33 @@
 #include "launch.h"
 #include "ops.h"
 #include "schedule.h"
+#include "simd.h"
 
 namespace fastddpm {
 namespace {
 
 // Σ (pred − target)² over one run (in double, lanes in a fixed order), and if GRAD,
 // grad = 2 (pred − target) · grad_coef. target = ε, x₀ or v = √ᾱ ε − √(1 − ᾱ) x₀.
-template <int DT, int PRED, bool SUM, bool GRAD>
-double loss_run(float* grad, const void* pred, const float* x0, const float* z, int64_t n, float sa, float s1ma,
-                float grad_coef) {
+template <int DT, int PRED, bool GRAD>
+FASTDDPM_CLONES double loss_run(float* grad, const void* pred, const float* x0, const float* z, int64_t n, float sa,
+                                float s1ma, float grad_coef) {
   double sum = 0.0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
     const float target = PRED == kEps ? z[i] : (PRED == kX0 ? x0[i] : sa * z[i] - s1ma * x0[i]);
     const float d = load<DT>(pred, i) - target;
-    if constexpr (SUM) sum += static_cast<double>(d * d);
+    sum += static_cast<double>(d * d);
     if constexpr (GRAD) grad[i] = (2.0f * d) * grad_coef;
   }
   return sum;
 }
 
-// Runs loss_run over every chunk; returns the per-chunk sums (empty unless SUM).
-template <bool SUM, bool GRAD>
+// Runs loss_run over every chunk; returns the per-chunk sums.
+template <bool GRAD>
 std::vector<double> loss_chunks(float* grad, const void* pred, int pred_dtype, int64_t pred_batch_stride,
                                 const float* x0, const int64_t* t, const Table& tab, const Layout& L,
                                 const NoiseSource& source, int64_t step, int prediction, const float* grad_coef) {
-  std::vector<double> partial(SUM ? L.chunks() : 0);
+  std::vector<double> partial(L.chunks());
   dispatch3(pred_dtype, [&](auto dt) {
     dispatch3(prediction, [&](auto pr) {
       for_each_chunk(L, [&](const Chunk& c, NoiseBuffer& buf) {
@@ -43,11 +45,11 @@ std::vector<double> loss_chunks(float* grad, const void* pred, int pred_dtype, i
         double sum = 0.0;
         for (int j = 0; j < 4; ++j) {
           const Run r = run_of(L, c, j);
-          sum += loss_run<dt, pr, SUM, GRAD>(GRAD ? grad + c.b * L.N + r.offset : nullptr,
-                                             offset<dt>(sample_pred, r.offset), x0 + c.b * L.N + r.offset, z[j],
-                                             r.length, sa, s1ma, GRAD ? grad_coef[c.b] : 0.0f);
+          sum += loss_run<dt, pr, GRAD>(GRAD ? grad + c.b * L.N + r.offset : nullptr, offset<dt>(sample_pred, r.offset),
+                                        x0 + c.b * L.N + r.offset, z[j], r.length, sa, s1ma,
+                                        GRAD ? grad_coef[c.b] : 0.0f);
         }
-        if constexpr (SUM) partial[c.index] = sum;
+        partial[c.index] = sum;
       });
     });
   });
@@ -90,31 +92,17 @@ void eps_loss(float* per_sample, float* grad, const void* pred, int pred_dtype, 
     for (int64_t b = 0; b < B; ++b) {
       coef[b] = static_cast<float>((weights ? weights[b] : 1.0) / (static_cast<double>(B) * N) * grad_scale);
     }
-    partial = loss_chunks<true, true>(grad, pred, pred_dtype, pred_batch_stride, x0, t, tab, L, source, step,
-                                      prediction, coef.data());
+    partial = loss_chunks<true>(grad, pred, pred_dtype, pred_batch_stride, x0, t, tab, L, source, step, prediction,
+                                coef.data());
   } else {
-    partial = loss_chunks<true, false>(nullptr, pred, pred_dtype, pred_batch_stride, x0, t, tab, L, source, step,
-                                       prediction, nullptr);
+    partial = loss_chunks<false>(nullptr, pred, pred_dtype, pred_batch_stride, x0, t, tab, L, source, step,
+                                 prediction, nullptr);
   }
   for (int64_t b = 0; b < B; ++b) {
     double sum = 0.0;
     for (int64_t c = 0; c < L.chunks_per_sample; ++c) sum += partial[b * L.chunks_per_sample + c];
     per_sample[b] = static_cast<float>(sum / static_cast<double>(N));
   }
-}
-
-void eps_loss_grad(float* grad, const void* pred, int pred_dtype, int64_t pred_batch_stride, const float* x0,
-                   const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N, const float* noise,
-                   uint64_t seed, int64_t sample_base, int64_t step, int prediction, const float* coef) {
-  check_sizes(B, N);
-  if (B * N == 0) return;
-  check_pointer(grad, "grad");
-  check_pointer(coef, "coef");
-  check_loss_args(pred, pred_dtype, pred_batch_stride, x0, t, table, T, B, N, prediction);
-  const Layout L(B, N);
-  const NoiseSource source{noise, seed, sample_base};
-  loss_chunks<false, true>(grad, pred, pred_dtype, pred_batch_stride, x0, t, Table{table, T}, L, source, step,
-                           prediction, coef);
 }
 
 }  // namespace fastddpm

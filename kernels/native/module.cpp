@@ -111,20 +111,6 @@ PYBIND11_MODULE(_native, m) {
       "Per-sample MSE [B] of reference.simple_loss; grad_ptr != 0: also d(weighted mean)/d pred, [B, N].");
 
   m.def(
-      "eps_loss_grad",
-      [](uintptr_t grad, uintptr_t pred, int pred_dtype, int64_t pred_batch_stride, uintptr_t x0, uintptr_t t,
-         uintptr_t table, int64_t T, int64_t B, int64_t N, uintptr_t noise, uint64_t seed, int64_t sample_base,
-         int64_t step, int prediction, uintptr_t coef) {
-        eps_loss_grad(ptr<float>(grad), ptr<const void>(pred), pred_dtype, pred_batch_stride, ptr<const float>(x0),
-                      ptr<const int64_t>(t), ptr<const float>(table), T, B, N, ptr<const float>(noise), seed,
-                      sample_base, step, prediction, ptr<const float>(coef));
-      },
-      py::arg("grad_ptr"), py::arg("pred_ptr"), py::arg("pred_dtype"), py::arg("pred_batch_stride"),
-      py::arg("x0_ptr"), py::arg("t_ptr"), py::arg("table_ptr"), py::arg("T"), py::arg("B"), py::arg("N"),
-      py::arg("noise_ptr"), py::arg("seed"), py::arg("sample_base"), py::arg("step"), py::arg("prediction"),
-      py::arg("coef_ptr"), release, "grad = 2 (pred − target) · coef[b] into float32 [B, N], the target regenerated.");
-
-  m.def(
       "vlb_terms",
       [](uintptr_t out, uintptr_t model, int model_dtype, int64_t model_batch_stride, uintptr_t x0, uintptr_t xt,
          uintptr_t t, uintptr_t table, int64_t T, int64_t B, int64_t N, int prediction, int variance, bool clip,

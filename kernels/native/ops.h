@@ -28,11 +28,6 @@ void eps_loss(float* per_sample, float* grad, const void* pred, int pred_dtype, 
               const float* noise, uint64_t seed, int64_t sample_base, int64_t step, int prediction,
               const float* weights, double grad_scale);
 
-// The gradient alone, with the target regenerated: grad = 2 (pred − target) · coef[b].
-void eps_loss_grad(float* grad, const void* pred, int pred_dtype, int64_t pred_batch_stride, const float* x0,
-                   const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N, const float* noise,
-                   uint64_t seed, int64_t sample_base, int64_t step, int prediction, const float* coef);
-
 // reference.vlb_terms: [B] bits/dim, KL for t > 0 and the decoder NLL at t = 0.
 void vlb_terms(float* out, const void* model, int model_dtype, int64_t model_batch_stride, const float* x0,
                const float* xt, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,

@@ -6,7 +6,8 @@
 // counter (g, sample, step, stream) and key (seed mod 2³², seed div 2³²); each 32-bit word x,
 // read as int32, becomes u = (x < 0 ? −x − 1 : x) · 4.6566127342e-10f, and (u0, u1), (u2, u3)
 // go through Box–Muller with r = √(−2 ln max(u, 1e-7)), θ = 2π u'. Everything here is
-// branch-free so `normal_groups` vectorizes; the rounding of log/cos/sin is vmath.h's.
+// branch-free so `normal_groups` vectorizes; the rounding of log/cos/sin is vmath.h's. The scalar
+// functions are the definition; noise.cpp vectorizes Philox with the same arithmetic.
 #pragma once
 
 #include <cstdint>
@@ -28,7 +29,7 @@ struct Words {
 };
 
 // Philox4x32-10 (Salmon et al. 2011): rng.philox4x32 with rounds = 10.
-static inline Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed) {
+static FASTDDPM_INLINE Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint64_t seed) {
   uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
 #pragma GCC unroll 10
   for (int round = 0; round < 10; ++round) {
@@ -47,14 +48,14 @@ static inline Words philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_
 }
 
 // rng.uint_to_uniform: int32 reinterpretation, negatives folded to −x − 1 (= ~x), scaled.
-static inline float uint_to_uniform(uint32_t word) {
+static FASTDDPM_INLINE float uint_to_uniform(uint32_t word) {
   const int32_t x = static_cast<int32_t>(word);
   const int32_t folded = x ^ (x >> 31);
   return static_cast<float>(folded) * kUniformScale;
 }
 
 // rng.box_muller: (r cos θ, r sin θ).
-static inline void box_muller(float u1, float u2, float& n1, float& n2) {
+static FASTDDPM_INLINE void box_muller(float u1, float u2, float& n1, float& n2) {
   const float r = std::sqrt(-2.0f * vmath::log_positive(u1 < 1.0e-7f ? 1.0e-7f : u1));
   float s, c;
   vmath::sincos_0_8(kTwoPi * u2, s, c);
@@ -63,14 +64,8 @@ static inline void box_muller(float u1, float u2, float& n1, float& n2) {
 }
 
 // Normals for groups g0 .. g0 + count − 1 of one sample: quarter j of group g0 + i goes to z[j][i].
-static inline void normal_groups(uint64_t seed, uint32_t sample, uint32_t step, uint32_t stream, uint32_t g0,
-                                 int64_t count, float* z0, float* z1, float* z2, float* z3) {
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) {
-    const Words w = philox4x32_10(g0 + static_cast<uint32_t>(i), sample, step, stream, seed);
-    box_muller(uint_to_uniform(w.w0), uint_to_uniform(w.w1), z0[i], z1[i]);
-    box_muller(uint_to_uniform(w.w2), uint_to_uniform(w.w3), z2[i], z3[i]);
-  }
-}
+// noise.cpp: vectorized for the CPU it runs on (Philox in AVX-512 / AVX2 where present).
+void normal_groups(uint64_t seed, uint32_t sample, uint32_t step, uint32_t stream, uint32_t g0, int64_t count,
+                   float* z0, float* z1, float* z2, float* z3);
 
 }  // namespace fastddpm

@@ -9,6 +9,7 @@
 #include "launch.h"
 #include "ops.h"
 #include "schedule.h"
+#include "simd.h"
 
 namespace fastddpm {
 
@@ -28,6 +29,16 @@ void normal(float* out, int64_t B, int64_t N, uint64_t seed, int64_t sample_base
   });
 }
 
+namespace {
+
+// One contiguous run: √ᾱ x₀ + √(1 − ᾱ) ε.
+FASTDDPM_CLONES void q_sample_run(float* out, const float* x0, const float* z, int64_t n, float sa, float s1ma) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = sa * x0[i] + s1ma * z[i];
+}
+
+}  // namespace
+
 void q_sample(float* out, const float* x0, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,
               const float* noise, uint64_t seed, int64_t sample_base, int64_t step) {
   check_sizes(B, N);
@@ -46,11 +57,7 @@ void q_sample(float* out, const float* x0, const int64_t* t, const float* table,
     source.fill(L, c, static_cast<uint32_t>(step), kStreamTrain, true, buf, z);
     for (int j = 0; j < 4; ++j) {
       const Run r = run_of(L, c, j);
-      const float* x = x0 + c.b * N + r.offset;
-      const float* zj = z[j];
-      float* o = out + c.b * N + r.offset;
-#pragma omp simd
-      for (int64_t i = 0; i < r.length; ++i) o[i] = sa * x[i] + s1ma * zj[i];  // √ᾱ x₀ + √(1 − ᾱ) ε
+      q_sample_run(out + c.b * N + r.offset, x0 + c.b * N + r.offset, z[j], r.length, sa, s1ma);
     }
   });
 }
@@ -109,8 +116,11 @@ StepCoef step_coef(const Table& tab, int64_t t, int prediction, int variance, bo
 
 // One contiguous run of a sample: out[i] = x_{t−1} at x[i], pred[i], var[i] and noise z[i].
 template <int DT, int PRED, int MODE>
-void reverse_run(float* out, const float* x, const void* pred, const void* var, const float* z, int64_t n,
-                 const StepCoef& k, float lo, float hi) {
+FASTDDPM_CLONES void reverse_run(float* out, const float* x, const void* pred, const void* var, const float* z,
+                                 int64_t n, const StepCoef& coef, float lo, float hi) {
+  // A copy, which `out` cannot alias: its fields stay in registers instead of being reloaded
+  // after every store (reverse_step measured 2–4% faster).
+  const StepCoef k = coef;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float xv = x[i], p = load<DT>(pred, i);

@@ -1,6 +1,7 @@
 // vlb_terms: the per-sample terms of the variational bound in bits/dim — reference.vlb_terms,
 // with fastddpm/gaussian.py's normal_kl and discretized_gaussian_log_likelihood. Evaluation
-// only, so the loop is scalar, with libm's exp/erfc and sums in double.
+// only, so the loop is scalar, with libm's exp/erfc and sums in double. It is multi-versioned
+// like the other ops, which gains little here: 0.72 → 0.67 ms at 64×3×32×32 on 2 cores.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -10,6 +11,7 @@
 #include "launch.h"
 #include "ops.h"
 #include "schedule.h"
+#include "simd.h"
 
 namespace fastddpm {
 namespace {
@@ -40,8 +42,9 @@ struct VlbCoef {
 
 // Σ over one run of KL(q(x_{t−1}|x_t, x₀) ‖ p_θ(x_{t−1}|x_t)) (t > 0) or of log p_θ(x₀|x₁) (t = 0), in nats.
 template <int DT, int PRED, bool LEARNED>
-double vlb_run(const void* pred, const void* var, const float* x0, const float* xt, int64_t n, const VlbCoef& k,
-               bool decoder, float lo, float hi, float half_bin, float lowest_bin, float highest_bin) {
+FASTDDPM_CLONES double vlb_run(const void* pred, const void* var, const float* x0, const float* xt, int64_t n,
+                               const VlbCoef& k, bool decoder, float lo, float hi, float half_bin, float lowest_bin,
+                               float highest_bin) {
   double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const float xv = xt[i], p = load<DT>(pred, i);
