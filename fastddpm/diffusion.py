@@ -63,7 +63,7 @@ class GaussianDiffusion:
             raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
         if min_snr_gamma is not None and min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
-        backend_for(backend, "cpu")  # validate the name now, not at the first step
+        backend_for(backend)  # validate the name now, not at the first step
         self.schedule = schedule
         self.prediction = _choice("prediction", prediction, reference.PREDICTIONS)
         self.variance = _choice("variance", variance, reference.VARIANCES)
@@ -102,7 +102,7 @@ class GaussianDiffusion:
         return self.schedule.coefficients(like.device, dtype)
 
     def _ops(self, x: torch.Tensor):
-        return backend_for(self.backend, x.device, x.dtype)
+        return backend_for(self.backend, x.dtype)
 
     def _op_options(self, clip_denoised: bool | None = None) -> dict:
         clip = self.clip_denoised if clip_denoised is None else clip_denoised

@@ -358,9 +358,9 @@ class FusedOps:
 BACKENDS = {"reference": ReferenceOps, "fused": FusedOps}
 
 
-def backend_for(name: str, device: torch.device | str, dtype: torch.dtype = torch.float32):
-    """The ops of backend ``name``; "auto" runs float32 on the fused operators and float64 on
-    the reference (the kernels compute in float32)."""
+def backend_for(name: str, dtype: torch.dtype = torch.float32):
+    """The ops of backend ``name``; "auto" runs float32 on the fused operators (which pick the
+    kernels by device) and float64 on the reference (the kernels compute in float32)."""
     if name == "auto":
         return FusedOps if dtype != torch.float64 else ReferenceOps
     if name not in BACKENDS:

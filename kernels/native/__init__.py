@@ -18,10 +18,6 @@ if tuple(_native.row_names()) != Coefficients.row_names():
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous()
-
-
 def _per_sample_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``x`` (a model output or its mean half) with each sample contiguous, and its batch stride."""
     if x.shape[0] == 0:
@@ -34,7 +30,7 @@ def _per_sample_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def _noise_ptr(noise: torch.Tensor | None) -> tuple[torch.Tensor | None, int]:
     if noise is None:
         return None, 0
-    noise = _flat(noise)
+    noise = noise.contiguous()
     return noise, noise.data_ptr()
 
 
@@ -43,7 +39,7 @@ def _sizes(x: torch.Tensor, table: torch.Tensor) -> tuple[int, int, int]:
 
 
 def q_sample(x0, t, table, noise, key):
-    x0 = _flat(x0)
+    x0 = x0.contiguous()
     out = torch.empty_like(x0)
     noise, noise_ptr = _noise_ptr(noise)
     T, B, N = _sizes(x0, table)
@@ -54,7 +50,7 @@ def q_sample(x0, t, table, noise, key):
 
 
 def reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, clip_denoised, eta):
-    x_t = _flat(x_t)
+    x_t = x_t.contiguous()
     model_out, model_stride = _per_sample_rows(model_out)
     out = torch.empty_like(x_t)
     noise, noise_ptr = _noise_ptr(noise)
@@ -68,7 +64,7 @@ def reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, cli
 
 
 def eps_loss(pred, x0, t, table, noise, key, prediction):
-    x0 = _flat(x0)
+    x0 = x0.contiguous()
     pred, pred_stride = _per_sample_rows(pred)
     per_sample = x0.new_empty(x0.shape[0])
     gradient = torch.empty_like(x0)
@@ -83,7 +79,7 @@ def eps_loss(pred, x0, t, table, noise, key, prediction):
 
 
 def vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels):
-    x0, x_t = _flat(x0), _flat(x_t)
+    x0, x_t = x0.contiguous(), x_t.contiguous()
     model_out, model_stride = _per_sample_rows(model_out)
     out = x0.new_empty(x0.shape[0])
     T, B, N = _sizes(x0, table)
