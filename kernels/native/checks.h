@@ -3,9 +3,11 @@
 #pragma once
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "dtype.h"
 #include "schedule.h"
@@ -30,6 +32,16 @@ inline void check_timesteps(const int64_t* t, int64_t B, int64_t T) {
     require(t[b] >= 0 && t[b] < T,
             "t[" + std::to_string(b) + "] = " + std::to_string(t[b]) + " is outside [0, " + std::to_string(T) + ")");
   }
+}
+
+// What every op checks before reading: no null buffer (``buffers``, then t and the table) and
+// every t[b] inside the table.
+inline void check_inputs(std::initializer_list<std::pair<const void*, const char*>> buffers, const int64_t* t,
+                         const float* table, int64_t B, int64_t T) {
+  for (const auto& [pointer, name] : buffers) check_pointer(pointer, name);
+  check_pointer(t, "t");
+  check_pointer(table, "table");
+  check_timesteps(t, B, T);
 }
 
 inline void check_model(int dtype, int64_t batch_stride, int64_t N, bool learned) {

@@ -61,11 +61,7 @@ void check_loss_args(const void* pred, int pred_dtype, int64_t pred_batch_stride
   check_sizes(B, N);
   check_prediction(prediction);
   check_model(pred_dtype, pred_batch_stride, N, false);
-  check_pointer(pred, "pred");
-  check_pointer(x0, "x0");
-  check_pointer(t, "t");
-  check_pointer(table, "table");
-  check_timesteps(t, B, T);
+  check_inputs({{pred, "pred"}, {x0, "x0"}}, t, table, B, T);
 }
 
 }  // namespace

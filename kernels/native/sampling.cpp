@@ -43,11 +43,7 @@ void q_sample(float* out, const float* x0, const int64_t* t, const float* table,
               const float* noise, uint64_t seed, int64_t sample_base, int64_t step) {
   check_sizes(B, N);
   if (B * N == 0) return;
-  check_pointer(out, "out");
-  check_pointer(x0, "x0");
-  check_pointer(t, "t");
-  check_pointer(table, "table");
-  check_timesteps(t, B, T);
+  check_inputs({{out, "out"}, {x0, "x0"}}, t, table, B, T);
   const Table tab{table, T};
   const Layout L(B, N);
   const NoiseSource source{noise, seed, sample_base};
@@ -153,12 +149,7 @@ void reverse_step(float* out, const float* x, const void* model, int model_dtype
   check_variance(variance);
   check_model(model_dtype, model_batch_stride, N, variance == kLearnedRange);
   if (B * N == 0) return;
-  check_pointer(out, "out");
-  check_pointer(x, "x");
-  check_pointer(model, "model_out");
-  check_pointer(t, "t");
-  check_pointer(table, "table");
-  check_timesteps(t, B, T);
+  check_inputs({{out, "out"}, {x, "x"}, {model, "model_out"}}, t, table, B, T);
   const Table tab{table, T};
   const Layout L(B, N);
   const NoiseSource source{noise, seed, sample_base};

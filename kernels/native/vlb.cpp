@@ -95,12 +95,7 @@ void vlb_terms(float* out, const void* model, int model_dtype, int64_t model_bat
     for (int64_t b = 0; b < B; ++b) out[b] = NAN;
     return;
   }
-  check_pointer(model, "model_out");
-  check_pointer(x0, "x0");
-  check_pointer(xt, "x_t");
-  check_pointer(t, "t");
-  check_pointer(table, "table");
-  check_timesteps(t, B, T);
+  check_inputs({{model, "model_out"}, {x0, "x0"}, {xt, "x_t"}}, t, table, B, T);
   const Table tab{table, T};
   const Layout L(B, N);
   const double half_bin = 1.0 / static_cast<double>(levels - 1);
