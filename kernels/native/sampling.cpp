@@ -64,7 +64,7 @@ enum StepMode : int { kFixed = 0, kLearned = 1, kDdim = 2 };
 
 // Per-sample scalars of one reverse step, float32 as the reference computes them.
 struct StepCoef {
-  float x0_from_x, x0_from_pred;  // x̂₀ = x0_from_x · x_t − x0_from_pred · pred (eps, v)
+  X0Coef x0;                      // x̂₀ from x_t and the prediction
   float mean_x0, mean_xt;         // μ = mean_x0 · x̂₀ + mean_xt · x_t (DDIM: mean_xt multiplies ε̂)
   float sqrt_recip, sqrt_recipm1; // DDIM's ε̂ = (√(1/ᾱ) x_t − x̂₀) / √(1/ᾱ − 1)
   float log_beta, log_tilde;      // learned_range: log β_t and log β̃_t
@@ -75,13 +75,7 @@ struct StepCoef {
 
 StepCoef step_coef(const Table& tab, int64_t t, int prediction, int variance, bool ddim, float eta) {
   StepCoef k{};
-  if (prediction == kEps) {
-    k.x0_from_x = tab.at(kSqrtRecipAlphasCumprod, t);
-    k.x0_from_pred = tab.at(kSqrtRecipm1AlphasCumprod, t);
-  } else if (prediction == kV) {
-    k.x0_from_x = tab.at(kSqrtAlphasCumprod, t);
-    k.x0_from_pred = tab.at(kSqrtOneMinusAlphasCumprod, t);
-  }
+  k.x0 = x0_coef(tab, t, prediction);
   k.nonzero = t > 0 ? 1.0f : 0.0f;
   k.sqrt_recip = tab.at(kSqrtRecipAlphasCumprod, t);
   k.sqrt_recipm1 = tab.at(kSqrtRecipm1AlphasCumprod, t);
@@ -120,7 +114,7 @@ FASTDDPM_CLONES void reverse_run(float* out, const float* x, const void* pred, c
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const float xv = x[i], p = load<DT>(pred, i);
-    float x0 = PRED == kX0 ? p : k.x0_from_x * xv - k.x0_from_pred * p;
+    float x0 = PRED == kX0 ? p : k.x0.from_x * xv - k.x0.from_pred * p;
     x0 = x0 < lo ? lo : x0;  // clamp(−1, 1), or (−∞, ∞) without clipping; NaN stays NaN
     x0 = hi < x0 ? hi : x0;
     if constexpr (MODE == kDdim) {

@@ -49,4 +49,16 @@ struct Table {
   float at(Row row, int64_t t) const { return data[row * T + t]; }
 };
 
+// x̂₀ = from_x · x_t − from_pred · pred for eps and v prediction (reference.predict_x0); x0
+// prediction takes pred itself and leaves both 0.
+struct X0Coef {
+  float from_x = 0.0f, from_pred = 0.0f;
+};
+
+inline X0Coef x0_coef(const Table& tab, int64_t t, int prediction) {
+  if (prediction == kEps) return {tab.at(kSqrtRecipAlphasCumprod, t), tab.at(kSqrtRecipm1AlphasCumprod, t)};
+  if (prediction == kV) return {tab.at(kSqrtAlphasCumprod, t), tab.at(kSqrtOneMinusAlphasCumprod, t)};
+  return {};
+}
+
 }  // namespace fastddpm

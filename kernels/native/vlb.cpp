@@ -34,7 +34,7 @@ double log_ndtr(double z) {
 double ndtr(double z) { return 0.5 * std::erfc(-z * kSqrtHalf); }
 
 struct VlbCoef {
-  float x0_from_x, x0_from_pred;  // x̂₀ = x0_from_x · x_t − x0_from_pred · pred (eps, v)
+  X0Coef x0;                      // x̂₀ from x_t and the prediction
   float mean_x0, mean_xt;         // posterior mean coefficients at t
   float log_variance;             // fixed variances: log Σ_θ
   float log_beta, log_tilde;      // learned_range: log β_t and log β̃_t (= the true log variance)
@@ -48,7 +48,7 @@ FASTDDPM_CLONES double vlb_run(const void* pred, const void* var, const float* x
   double sum = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const float xv = xt[i], p = load<DT>(pred, i);
-    float px0 = PRED == kX0 ? p : k.x0_from_x * xv - k.x0_from_pred * p;
+    float px0 = PRED == kX0 ? p : k.x0.from_x * xv - k.x0.from_pred * p;
     px0 = px0 < lo ? lo : px0;
     px0 = hi < px0 ? hi : px0;
     const float mean = k.mean_x0 * px0 + k.mean_xt * xv;
@@ -109,13 +109,7 @@ void vlb_terms(float* out, const void* model, int model_dtype, int64_t model_bat
         for_each_chunk(L, [&](const Chunk& c, NoiseBuffer&) {
           const int64_t tb = t[c.b];
           VlbCoef k{};
-          if (pr == kEps) {
-            k.x0_from_x = tab.at(kSqrtRecipAlphasCumprod, tb);
-            k.x0_from_pred = tab.at(kSqrtRecipm1AlphasCumprod, tb);
-          } else if (pr == kV) {
-            k.x0_from_x = tab.at(kSqrtAlphasCumprod, tb);
-            k.x0_from_pred = tab.at(kSqrtOneMinusAlphasCumprod, tb);
-          }
+          k.x0 = x0_coef(tab, tb, pr);
           k.mean_x0 = tab.at(kPosteriorMeanCoef1, tb);
           k.mean_xt = tab.at(kPosteriorMeanCoef2, tb);
           k.log_beta = tab.at(kLogBetas, tb);
