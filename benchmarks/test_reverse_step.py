@@ -1,5 +1,7 @@
-"""One reverse step at 64×3×32×32 on the CPU: fastddpm's fused op (in-kernel noise), the
-eager reference (noise drawn separately), and diffusers' DDPMScheduler.step.
+"""One reverse step at 64×3×32×32 on the CPU: the native kernel (in-kernel noise) called
+directly, the same through the torch operator (what GaussianDiffusion calls: adds the
+dispatcher and the input checks), the eager reference (noise drawn separately), and diffusers'
+DDPMScheduler.step.
 
 Run with ``pytest benchmarks/test_reverse_step.py --benchmark-only``. Nothing here asserts a speed.
 """
@@ -8,6 +10,7 @@ import pytest
 import torch
 
 from fastddpm import NoiseSchedule, ops, reference
+from fastddpm.kernels import native
 
 SHAPE = (64, 3, 32, 32)
 OPTIONS = dict(prediction="eps", variance="fixed_small", clip_denoised=True)
@@ -19,7 +22,15 @@ def inputs():
     return torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
 
 
-def test_fused_in_kernel_noise(benchmark, inputs):
+def test_native_in_kernel_noise(benchmark, inputs):
+    x, out = inputs
+    table = NoiseSchedule.linear(1000).coefficients("cpu").table
+    t = torch.full((SHAPE[0],), 500)
+    key = ops.noise_key(1)
+    benchmark(native.reverse_step, x, out, t, table, None, key, "eps", "fixed_small", True, None)
+
+
+def test_fused_op_in_kernel_noise(benchmark, inputs):
     x, out = inputs
     coef = NoiseSchedule.linear(1000).coefficients("cpu")
     t = torch.full((SHAPE[0],), 500)

@@ -98,8 +98,10 @@ def _check(op: str, images: dict, t: Tensor, table: Tensor, model_out: Tensor | 
     # t's range needs its values: checked where they are on the host (not while tracing); on a
     # GPU that would sync every step, so there GaussianDiffusion's public methods check t instead.
     on_host = t.device.type == "cpu" and not is_fake(t)
-    if t.numel() and on_host and not (0 <= int(t.min()) and int(t.max()) < table.shape[1]):
-        raise ValueError(f"fastddpm.{op}: t out of range: values must lie in [0, {table.shape[1] - 1}]")
+    if t.numel() and on_host:
+        low, high = torch.aminmax(t)
+        if not (0 <= int(low) and int(high) < table.shape[1]):
+            raise ValueError(f"fastddpm.{op}: t out of range: values must lie in [0, {table.shape[1] - 1}]")
 
 
 def _noise_images(x: Tensor, noise: Tensor | None, name: str = "x") -> dict:

@@ -2,7 +2,8 @@
 // vectorized for the CPU it runs on. Blocks of kBlock groups go through two branch-free passes
 // in L1: Philox's words (integer multiplies), then Box–Muller (float, vmath.h).
 //
-// Measured on one Zen 4 core, ns per group (4 normals), Philox + Box–Muller = together:
+// Measured on one Zen 4 core, ns per group (4 normals), Philox + Box–Muller = together, before
+// vmath.h's fused multiply-adds (7% off the whole):
 //   baseline SSE2 (portable)      4.74 + 7.48 = 13.1
 //   AVX2 (x86-64-v3)              1.48 + 3.19 =  4.6
 //   AVX-512 (x86-64-v4)           1.21 + 2.23 =  3.4
@@ -66,7 +67,8 @@ FASTDDPM_INLINE void box_muller_block(const WordBlock& in, int64_t count, float*
 // Philox4x32-10 on kVectors × kLanes groups at once; words of groups past `count` (up to the next
 // multiple of kVectors · kLanes, within the block) are computed and not read. Independent vectors
 // hide the multiply latency: per group, AVX-512 1.54 / 1.32 / 1.22 ns and AVX2 2.26 / 1.70 /
-// 1.49 ns with 1 / 2 / 4 vectors.
+// 1.49 ns with 1 / 2 / 4 vectors. One group per 64-bit lane instead (vpmuludq gives the whole
+// product, 4 multiplies per 16 groups and round instead of 6) measured no faster.
 constexpr int kVectors = 4;
 static_assert(kBlock % (kVectors * 16) == 0, "blocks hold whole AVX-512 steps");
 
