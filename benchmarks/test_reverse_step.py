@@ -34,7 +34,7 @@ def test_fused_op_in_kernel_noise(benchmark, inputs):
     x, out = inputs
     coef = NoiseSchedule.linear(1000).coefficients("cpu")
     t = torch.full((SHAPE[0],), 500)
-    benchmark(ops.FusedOps.reverse_step, x, out, t, coef, seed=1, **OPTIONS)
+    benchmark(ops.FusedOps.reverse_step, x, out, t, coef, key=ops.noise_key(1), **OPTIONS)
 
 
 def test_eager_reference(benchmark, inputs):

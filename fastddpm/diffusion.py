@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import reference, rng
-from .ops import backend_for
+from .ops import backend_for, noise_key
 from .schedule import Coefficients, NoiseSchedule
 
 LOSSES = ("simple", "vlb", "hybrid")
@@ -167,7 +167,7 @@ class GaussianDiffusion:
         self._check_images("x0", x0)
         noise = _default_noise(x0, noise, seed)
         t = self._checked(x0, t, *_named("noise", noise))
-        return self._ops(x0).q_sample(x0, t, self.coefficients(x0), noise=noise, **_coordinates(seed, sample_index, step))
+        return self._ops(x0).q_sample(x0, t, self.coefficients(x0), noise=noise, **_coordinates(seed, sample_index, step, x0.device))
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(μ̃_t, β̃_t, log β̃_t clipped) of q(x_{t−1} | x_t, x_0)  — eq. (6), (7)."""
@@ -200,7 +200,7 @@ class GaussianDiffusion:
         t = self._checked(x_t, t, *_named("noise", noise))
         _check_eta(eta)
         coef = self.coefficients(x_t)
-        return self._step(model, x_t, t, coef, eta, noise=noise, **_coordinates(seed, sample_index))
+        return self._step(model, x_t, t, coef, eta, noise=noise, **_coordinates(seed, sample_index, 0, x_t.device))
 
     def _step(self, model: Model, x_t, t, coef: Coefficients, eta: float | None, **noise) -> torch.Tensor:
         out = self._model_output(model, x_t, t, coef)
@@ -234,7 +234,7 @@ class GaussianDiffusion:
         if device is None:
             params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = params.device if params is not None else "cpu"
-        contract = _coordinates(seed, sample_index)
+        contract = _coordinates(seed, sample_index, 0, torch.device(device))
         if seed is None:
             x = torch.randn(shape, generator=generator, device=device)
         else:
@@ -259,6 +259,7 @@ class GaussianDiffusion:
         seed: int | None = None,
         sample_index: int = 0,
         step: int = 0,
+        key: torch.Tensor | None = None,
     ) -> dict:
         """The training objective for a batch: dict(loss, per_sample, mse, vb, t).
 
@@ -268,15 +269,18 @@ class GaussianDiffusion:
         importance-sampling weights) multiply each sample's loss in the mean, together with
         min-SNR-γ weights when configured. ``per_sample`` is each sample's unweighted loss
         (what a loss-aware timestep sampler learns from); ``vb`` is L_t in bits/dim, or None.
+        ``key`` (`fastddpm.ops.noise_key`: int64 [seed, sample_index, step] on x0's device) may
+        replace the three integers: a compiled training step takes it as a tensor, so a new
+        step is new data, not a recompile.
         """
         self._check_images("x0", x0)
         if self.variance == "learned_range" and self.loss == "simple":
             raise ValueError("variance='learned_range' is only trained by loss='vlb' or 'hybrid', not 'simple'")
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = _default_noise(x0, noise, seed)
+        noise = _default_noise(x0, noise, seed if key is None else key)
         t = self._checked(x0, t, *_named("noise", noise))
-        contract = _coordinates(seed, sample_index, step)
+        contract = {"key": key} if key is not None else _coordinates(seed, sample_index, step, x0.device)
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (x0.shape[0],)):
             raise ValueError(f"weights must be a tensor of shape [B] = ({x0.shape[0]},)")
         coef = self.coefficients(x0)
@@ -365,18 +369,15 @@ def _named(name: str, noise: torch.Tensor | None) -> tuple:
     return () if noise is None else ((name, noise),)
 
 
-def _coordinates(seed: int | None, sample_index: int, step: int | None = None) -> dict:
-    """The noise contract's coordinates as op keywords (none without a seed)."""
+def _coordinates(seed: int | None, sample_index: int, step: int, device: torch.device) -> dict:
+    """The noise contract's coordinates as the ops' ``key`` keyword (none without a seed)."""
     if seed is None:
         return {}
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
         raise ValueError(f"seed must be an integer in [0, 2**63), got {seed!r}")
     if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
         raise ValueError(f"sample_index must be a non-negative integer, got {sample_index!r}")
-    coordinates = {"seed": seed, "sample_base": sample_index}
-    if step is not None:
-        coordinates["step"] = step
-    return coordinates
+    return {"key": noise_key(seed, sample_index, step, device)}
 
 
 def _check_eta(eta: float | None) -> None:

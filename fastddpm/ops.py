@@ -33,8 +33,12 @@ from . import reference, rng
 from .schedule import Coefficients
 
 
-def _contract_noise(like: Tensor, seed: int, sample_base: int, step, stream: int) -> Tensor:
+def _contract_noise(like: Tensor, key: Tensor, stream: int, step=None) -> Tensor:
+    """The noise contract's normals for ``like`` at ``key`` = [seed, sample_base, step] (``step``
+    overrides the key's: the reverse step's is each sample's t)."""
+    seed, sample_base, key_step = key.tolist()
     samples = sample_base + torch.arange(like.shape[0], device=like.device)
+    step = key_step if step is None else step
     return rng.normal(seed, samples, step, stream, tuple(like.shape[1:])).to(device=like.device, dtype=like.dtype)
 
 
@@ -44,21 +48,21 @@ class ReferenceOps:
     name = "reference"
 
     @staticmethod
-    def q_sample(x0, t, coef: Coefficients, noise=None, seed=0, sample_base=0, step=0):
+    def q_sample(x0, t, coef: Coefficients, noise=None, key=None):
         if noise is None:
-            noise = _contract_noise(x0, seed, sample_base, step, rng.STREAM_TRAIN)
+            noise = _contract_noise(x0, key, rng.STREAM_TRAIN)
         return reference.q_sample(x0, t, noise, coef)
 
     @staticmethod
-    def reverse_step(x_t, model_out, t, coef: Coefficients, noise=None, seed=0, sample_base=0, **options):
+    def reverse_step(x_t, model_out, t, coef: Coefficients, noise=None, key=None, **options):
         if noise is None:
-            noise = _contract_noise(x_t, seed, sample_base, t, rng.STREAM_REVERSE)
+            noise = _contract_noise(x_t, key, rng.STREAM_REVERSE, step=t)
         return reference.reverse_step(x_t, model_out, t, noise, coef, **options)
 
     @staticmethod
-    def simple_loss(pred, x0, t, coef: Coefficients, noise=None, seed=0, sample_base=0, step=0, **options):
+    def simple_loss(pred, x0, t, coef: Coefficients, noise=None, key=None, **options):
         if noise is None:
-            noise = _contract_noise(x0, seed, sample_base, step, rng.STREAM_TRAIN)
+            noise = _contract_noise(x0, key, rng.STREAM_TRAIN)
         return reference.simple_loss(pred, x0, noise, t, coef, **options)
 
     @staticmethod
@@ -191,7 +195,7 @@ def _check_vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_de
 
 def _q_sample_ref(x0: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor], key: Tensor) -> Tensor:
     _check_q_sample(x0, t, table, noise, key)
-    return ReferenceOps.q_sample(x0, t, Coefficients.from_table(table), noise, *key.tolist())
+    return ReferenceOps.q_sample(x0, t, Coefficients.from_table(table), noise, key)
 
 
 def _reverse_step_ref(
@@ -199,9 +203,8 @@ def _reverse_step_ref(
     prediction: str, variance: str, clip_denoised: bool, eta: Optional[float],
 ) -> Tensor:
     _check_reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, clip_denoised, eta)
-    seed, sample_base, _ = key.tolist()
     return ReferenceOps.reverse_step(
-        x_t, model_out.to(x_t.dtype), t, Coefficients.from_table(table), noise, seed, sample_base,
+        x_t, model_out.to(x_t.dtype), t, Coefficients.from_table(table), noise, key,
         prediction=prediction, variance=variance, clip_denoised=clip_denoised, eta=eta,
     )
 
@@ -211,8 +214,7 @@ def _eps_loss_ref(
 ) -> tuple[Tensor, Tensor]:
     _check_eps_loss(pred, x0, t, table, noise, key, prediction)
     if noise is None:
-        seed, sample_base, step = key.tolist()
-        noise = _contract_noise(x0, seed, sample_base, step, rng.STREAM_TRAIN)
+        noise = _contract_noise(x0, key, rng.STREAM_TRAIN)
     coef = Coefficients.from_table(table)
     _, per_sample = reference.simple_loss(pred, x0, noise, t, coef, prediction=prediction)
     target = reference.prediction_target(x0, noise, t, coef, prediction)
@@ -329,32 +331,35 @@ vlb_terms_op.register_autograd(_vlb_terms_backward, setup_context=_vlb_terms_set
 
 
 class FusedOps:
-    """The torch operators above, with the methods of `ReferenceOps`."""
+    """The torch operators above, with the methods of `ReferenceOps`. ``key`` (`noise_key`) is
+    unused when ``noise`` is given."""
 
     name = "fused"
 
     @staticmethod
-    def q_sample(x0, t, coef: Coefficients, noise=None, seed=0, sample_base=0, step=0):
-        return q_sample_op(x0, t, coef.table, noise, noise_key(seed, sample_base, step, x0.device))
+    def q_sample(x0, t, coef: Coefficients, noise=None, key=None):
+        return q_sample_op(x0, t, coef.table, noise, _key_or_unused(key, x0))
 
     @staticmethod
-    def reverse_step(x_t, model_out, t, coef: Coefficients, noise=None, seed=0, sample_base=0, *, prediction,
-                     variance, clip_denoised, eta=None):
+    def reverse_step(x_t, model_out, t, coef: Coefficients, noise=None, key=None, *, prediction, variance,
+                     clip_denoised, eta=None):
         eta = None if eta is None else float(eta)
-        key = noise_key(seed, sample_base, 0, x_t.device)
-        return reverse_step_op(x_t, model_out, t, coef.table, noise, key, prediction, variance, clip_denoised, eta)
+        return reverse_step_op(x_t, model_out, t, coef.table, noise, _key_or_unused(key, x_t), prediction, variance,
+                               clip_denoised, eta)
 
     @staticmethod
-    def simple_loss(pred, x0, t, coef: Coefficients, noise=None, seed=0, sample_base=0, step=0, *, prediction,
-                    weights=None):
-        key = noise_key(seed, sample_base, step, x0.device)
-        per_sample, _ = eps_loss_op(pred, x0, t, coef.table, noise, key, prediction)
+    def simple_loss(pred, x0, t, coef: Coefficients, noise=None, key=None, *, prediction, weights=None):
+        per_sample, _ = eps_loss_op(pred, x0, t, coef.table, noise, _key_or_unused(key, x0), prediction)
         weighted = per_sample if weights is None else per_sample * weights
         return weighted.mean(), per_sample
 
     @staticmethod
     def vlb_terms(model_out, x0, x_t, t, coef: Coefficients, *, prediction, variance, clip_denoised, levels):
         return vlb_terms_op(model_out, x0, x_t, t, coef.table, prediction, variance, clip_denoised, levels)
+
+
+def _key_or_unused(key: Tensor | None, like: Tensor) -> Tensor:
+    return key if key is not None else noise_key(0, 0, 0, like.device)
 
 
 BACKENDS = {"reference": ReferenceOps, "fused": FusedOps}

@@ -48,7 +48,7 @@ def test_eps_loss_gradient_matches_reference_autograd(coef, prediction):
     noise = rng.normal(9, 4 + torch.arange(B), 12, rng.STREAM_TRAIN, SHAPE)
 
     fused_pred = pred.detach().clone().requires_grad_()
-    loss, per_sample = ops.FusedOps.simple_loss(fused_pred, x0, t, coef, seed=9, sample_base=4, step=12,
+    loss, per_sample = ops.FusedOps.simple_loss(fused_pred, x0, t, coef, key=ops.noise_key(9, 4, 12),
                                                 prediction=prediction, weights=weights)
     loss.backward()
     ref_pred = pred.detach().clone().requires_grad_()
