@@ -1,25 +1,33 @@
-"""The `fastddpm` command: train, sample.
+"""The `fastddpm` command: train, sample, nll, info.
 
-Errors a user can cause (bad arguments, paths, data, checkpoints) print one line to stderr
-and exit with status 2; no traceback.
+Errors a user can cause (bad arguments, paths, data, checkpoints, a diverged run) print one
+line to stderr and exit with status 2; no traceback. Each command writes only under the
+output path it is given (train: --out; sample: --out; nll and info write nothing).
+Under ``torchrun --nproc_per_node=G -m fastddpm train|sample ...`` the work is spread over G
+processes and rank 0 writes the results.
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import sys
+import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from .datasets import quantize
-from .images import save_grid
-from .train import PRESETS, preset, train
+from .checkpoint import CheckpointError
+from .config import PRECISIONS, load_config, preset, preset_names
+from .datasets import DatasetError
 
 
-class UsageError(ValueError):
-    """An error in how the command was called."""
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, unless it has none or its help already says it in words."""
+
+    def _get_help_string(self, action):
+        said = action.default is None or "(default" in (action.help or "")
+        return action.help if said else super()._get_help_string(action)
 
 
 def _positive_int(text: str) -> int:
@@ -42,48 +50,97 @@ def _device(text: str) -> str:
     return text
 
 
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _add_common(p, compile_help: str) -> None:
+    p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="autocast dtype of the U-Net; the chain state and the optimizer stay float32 (default: fp32)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"torch.compile {compile_help} (default: on for CUDA, off on the CPU)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+
+
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (default: the bundled digits, a few minutes on a CPU)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", default="digits", choices=sorted(PRESETS), help="training recipe")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default: runs/<preset>)")
+                       formatter_class=_Help)
+    p.add_argument("--preset", default="digits", choices=preset_names(), help="training recipe")
+    p.add_argument("--config", type=Path, default=None,
+                   help="JSON or YAML file of TrainConfig fields (and optionally a preset to start from)")
+    p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--data", default=None, help="image folder, CIFAR-10 batches folder, or .npz/.npy (default: digits)")
     p.add_argument("--image-size", type=_positive_int, default=None, help="resize an image folder to this size")
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the preset's)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (default: the preset's)")
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="global batch size, split over torchrun processes (default: the preset's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: the preset's)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", type=_device, default="cpu", help="torch device")
+    _add_common(p, "the training step")
 
 
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="draw samples from a checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.safetensors written by train")
+                       formatter_class=_Help)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, or a run directory (its newest)")
     p.add_argument("--n", type=_positive_int, default=64, help="number of images")
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="output .png (a grid) or .npz (uint8 NHWC)")
+    p.add_argument("--out", type=Path, default=Path("samples.png"),
+                   help="a .png grid, a .npz (uint8 N×H×W×C, as FID tools read), or a directory of PNGs")
+    p.add_argument("--start", type=int, default=0, help="index of the first image (image k of a seed never changes)")
     p.add_argument("--steps", type=_positive_int, default=None, help="respace to this many steps (default: all)")
     p.add_argument("--eta", type=float, default=None, help="sample with DDIM(eta) instead of ancestral DDPM")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--device", type=_device, default="cpu", help="torch device")
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
+                   help="replay each step as one CUDA graph (default: on for CUDA)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    _add_common(p, "the U-Net")
+
+
+def _add_nll(sub) -> None:
+    p = sub.add_parser("nll", help="the held-out negative log-likelihood bound in bits/dim",
+                       formatter_class=_Help)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, or a run directory (its newest)")
+    p.add_argument("--data", default=None,
+                   help="held-out data (default: the held-out split of the data the checkpoint was trained on)")
+    p.add_argument("--n", type=_positive_int, default=None, help="evaluate the first N images (default: all)")
+    p.add_argument("--batch-size", type=_positive_int, default=512, help="images per batch")
+    p.add_argument("--seed", type=int, default=0, help="seed of the x_t draws")
+    p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda when available)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="versions and kernels in use, and a checkpoint's configuration",
+                       formatter_class=_Help)
+    p.add_argument("--checkpoint", type=Path, default=None, help="also describe this checkpoint")
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastddpm", description="Denoising Diffusion Probabilistic Models, fast.")
     sub = p.add_subparsers(dest="command", required=True)
-    _add_train(sub)
-    _add_sample(sub)
+    for add in (_add_train, _add_sample, _add_nll, _add_info):
+        add(sub)
     return p
 
 
 def run_train(args) -> None:
+    from .trainer import Trainer
+
     overrides = {k: v for k, v in (("data", args.data), ("image_size", args.image_size), ("steps", args.steps),
-                                   ("batch_size", args.batch_size), ("lr", args.lr)) if v is not None}
-    config = preset(args.preset, seed=args.seed, device=args.device, **overrides)
-    out = args.out if args.out is not None else Path("runs") / args.preset
-    metrics = train(config, out)
+                                   ("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
+                                   ("device", args.device), ("precision", args.precision),
+                                   ("compile", args.compile)) if v is not None}
+    config = load_config(args.config, **overrides) if args.config else preset(args.preset, **overrides)
+    out = args.out if args.out is not None else Path("runs") / (args.config.stem if args.config else args.preset)
+    trainer = Trainer(config, out, resume=args.resume)
+    metrics = trainer.fit()
+    if trainer.rank != 0:
+        return
+    if metrics.get("interrupted"):
+        print(f"interrupted at step {metrics['steps']}; checkpoint: {metrics['checkpoint']} "
+              f"(continue with: fastddpm train --out {out} --resume)")
+        return
     print(f"trained {metrics['steps']} steps in {metrics['train_seconds']:.0f} s")
     print(f"checkpoint: {metrics['checkpoint']}")
     print(f"samples:    {metrics['samples']}")
@@ -92,33 +149,81 @@ def run_train(args) -> None:
 
 
 def run_sample(args) -> None:
+    from . import distributed
     from .checkpoint import load_checkpoint
+    from .sampler import Sampler, save_images
 
-    suffix = args.out.suffix.lower()
-    if suffix not in (".png", ".npz"):
-        raise UsageError(f"--out must end in .png or .npz, got {args.out}")
-    model, diffusion, header = load_checkpoint(args.checkpoint, args.device, use_ema=not args.no_ema)
-    shape = tuple(header["data"]["shape"])
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    batches = []
-    for start in range(0, args.n, args.batch_size):
-        n = min(args.batch_size, args.n - start)
-        batches.append(diffusion.sample(model, (n, *shape), steps=args.steps, eta=args.eta, generator=generator).cpu())
-    images = torch.cat(batches)
-    if suffix == ".png":
-        save_grid(images, args.out, scale=header.get("train", {}).get("grid_scale", 1))
-    else:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.out, quantize(images, 256).permute(0, 2, 3, 1).numpy())
-    print(f"wrote {args.n} samples to {args.out}")
+    if args.out.suffix.lower() not in (".png", ".npz", ""):
+        raise ValueError(f"--out must be a .png grid, a .npz file or a directory, got {args.out}")
+    if args.start < 0:
+        raise ValueError(f"--start must be a non-negative integer, got {args.start}")
+    rank, _, device = distributed.init(args.device or _default_device())
+    model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    sampler = Sampler(model, diffusion, steps=args.steps, eta=args.eta, batch_size=args.batch_size,
+                      precision=args.precision or "fp32", compile=args.compile, cuda_graph=args.cuda_graph)
+    started = time.perf_counter()
+    images = sampler.sample(args.n, seed=args.seed or 0, start=args.start)
+    seconds = time.perf_counter() - started
+    if rank == 0:
+        path = save_images(images, args.out, scale=header.get("train", {}).get("grid_scale", 1))
+        print(f"wrote {args.n} samples to {path} ({args.n / seconds:.1f} images/s)")
+
+
+def run_nll(args) -> None:
+    from .checkpoint import load_checkpoint
+    from .datasets import load_heldout
+    from .trainer import heldout_nll
+
+    device = args.device or _default_device()
+    model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    data = args.data if args.data is not None else header.get("train", {}).get("data")
+    size = header.get("train", {}).get("image_size")
+    heldout = load_heldout(data, size) if args.data is None else _as_heldout(args.data, size)
+    if heldout is None:
+        raise ValueError(f"the data {data!r} has no held-out split; pass --data")
+    images = heldout.tensor(device)[: args.n]
+    shape = tuple(header.get("data", {}).get("shape", images.shape[1:]))
+    if tuple(images.shape[1:]) != shape:
+        raise ValueError(f"held-out images have shape {tuple(images.shape[1:])}, the model takes {shape}")
+    bpd = heldout_nll(model, diffusion, images, args.batch_size, args.seed)
+    print(f"held-out NLL: {bpd:.4f} bits/dim ({len(images)} images, {diffusion.num_timesteps} terms)")
+
+
+def _as_heldout(spec: str, size):
+    from .datasets import load_dataset
+
+    return load_dataset(spec, size)
+
+
+def run_info(args) -> None:
+    from . import __version__, ops
+
+    native = "yes" if ops.native_kernels is not None else "no (reference ops)"
+    triton = "yes" if ops.triton_kernels is not None else "no"
+    print(f"fastddpm {__version__}, torch {torch.__version__}, Python {platform.python_version()}")
+    print(f"native CPU kernels: {native}; Triton CUDA kernels: {triton}; "
+          f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
+    print(f"presets: {', '.join(preset_names())}")
+    if args.checkpoint is not None:
+        import json
+
+        from .checkpoint import load_checkpoint
+
+        model, diffusion, header = load_checkpoint(args.checkpoint)
+        params = sum(p.numel() for p in model.parameters())
+        print(f"checkpoint: step {header.get('step')}, {params:,} parameters, data {header.get('data')}")
+        print(f"diffusion: {json.dumps(diffusion.config())}")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    from .trainer import TrainingError
+
     try:
-        {"train": run_train, "sample": run_sample}[args.command](args)
-    except (ValueError, OSError) as err:
-        print(f"fastddpm {args.command}: error: {str(err).splitlines()[0] if str(err) else type(err).__name__}", file=sys.stderr)
+        {"train": run_train, "sample": run_sample, "nll": run_nll, "info": run_info}[args.command](args)
+    except (ValueError, OSError, TrainingError, CheckpointError, DatasetError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        print(f"fastddpm {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastddpm {args.command}: interrupted", file=sys.stderr)

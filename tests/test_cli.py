@@ -25,10 +25,24 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("command", ["train", "sample"])
+@pytest.mark.parametrize("command", ["train", "sample", "nll"])
 def test_help_shows_defaults(command):
     result = cli(command, "--help")
-    assert result.returncode == 0 and "(default:" in result.stdout
+    assert result.returncode == 0 and "(default:" in result.stdout and "(default: None)" not in result.stdout
+
+
+def test_info_describes_the_install_and_a_checkpoint(checkpoint):
+    result = cli("info", "--checkpoint", str(checkpoint))
+    assert result.returncode == 0, result.stderr
+    assert "native CPU kernels: yes" in result.stdout and "presets: cifar10, digits" in result.stdout
+    assert '"levels": 17' in result.stdout
+
+
+def test_nll_of_a_checkpoint_on_the_digits_heldout_split(checkpoint):
+    result = cli("nll", "--checkpoint", str(checkpoint), "--n", "4", "--data", "digits")
+    assert result.returncode == 0, result.stderr
+    bpd = float(result.stdout.split("held-out NLL: ")[1].split()[0])
+    assert 0 < bpd < 30 and "(4 images, 20 terms)" in result.stdout
 
 
 def test_sample_writes_png_and_npz(checkpoint, tmp_path):
@@ -47,7 +61,11 @@ def test_sample_writes_png_and_npz(checkpoint, tmp_path):
     "args, message",
     [
         (["sample", "--checkpoint", "nope.safetensors"], "checkpoint not found: nope.safetensors"),
-        (["sample", "--checkpoint", "{ck}", "--out", "x.jpg"], "--out must end in .png or .npz"),
+        (["sample", "--checkpoint", "{ck}", "--out", "x.jpg"], "--out must be a .png grid, a .npz file or a directory"),
+        (["sample", "--checkpoint", "{tmp}"], "no checkpoint-*.safetensors in"),
+        (["nll", "--checkpoint", "nope.safetensors"], "checkpoint not found: nope.safetensors"),
+        (["train", "--config", "nope.json"], "config file not found: nope.json"),
+        (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
         (["sample", "--checkpoint", "{ck}", "--eta", "2", "--out", "{tmp}/x.png"], "eta must lie in [0, 1]"),
         (["sample", "--checkpoint", "{ck}", "--steps", "50", "--out", "{tmp}/x.png"], "steps must be between 2 and 20"),
         (["train", "--data", "/no/such/folder", "--out", "{tmp}/run"], "dataset path does not exist: /no/such/folder"),

@@ -1,0 +1,129 @@
+"""Training configurations: `TrainConfig`, its presets and config files.
+
+A preset is a JSON file in ``fastddpm/presets/`` (``digits``: the default main job,
+``cifar10``: Ho et al. 2020's recipe) holding the fields that differ from `TrainConfig`'s
+defaults. A config file (``--config``) is JSON, or YAML when PyYAML is installed; it may name a
+``preset`` to start from and overrides its fields. Keys starting with ``_`` are comments.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from importlib import resources
+from pathlib import Path
+
+from .reference import PREDICTIONS, VARIANCES
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "ddpm-digits"  # U-Net preset; channels and resolution follow the data
+    data: str | None = None  # None: the bundled digits (see fastddpm.datasets.load_dataset)
+    image_size: int | None = None  # resize an image folder to this size
+    schedule: str = "linear"
+    timesteps: int = 1000
+    prediction: str = "eps"
+    variance: str = "fixed_small"
+    loss: str = "simple"
+    timestep_sampler: str = "uniform"
+    steps: int = 1500
+    batch_size: int = 128  # the global batch: split evenly over torch.distributed ranks
+    lr: float = 1e-3
+    warmup: int = 100  # linear learning-rate warm-up steps
+    grad_clip: float = 1.0  # max gradient norm (0: no clipping)
+    ema_decay: float = 0.999
+    dropout: float | None = None  # None: the U-Net preset's
+    hflip: bool = False  # random horizontal flips (not for digits: they are not symmetric)
+    seed: int = 0
+    samples: int = 64  # images in each sample grid
+    grid_scale: int = 1  # enlarge the grid's images (tiny images are unreadable at 1:1)
+    nll_images: int | None = None  # held-out images for the final NLL (None: all, 0: skip)
+    log_every: int = 50  # steps between log lines (the only host syncs of the loop)
+    sample_every: int = 0  # steps between EMA sample grids (0: only at the end)
+    checkpoint_every: int = 0  # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 3  # the newest K checkpoints are kept
+    device: str | None = None  # None: cuda when available, else cpu
+    precision: str = "fp32"  # autocast dtype of the U-Net: fp32, bf16, or fp16 (with a loss scaler)
+    compile: bool | None = None  # torch.compile the training step; None: on for CUDA, off on the CPU
+    channels_last: bool | None = None  # None: on for CUDA
+
+    def __post_init__(self):
+        positive = ("timesteps", "steps", "batch_size", "samples", "grid_scale", "log_every", "keep_checkpoints")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup", "sample_every", "checkpoint_every", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        for name in ("lr", "grad_clip"):
+            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
+        for name, allowed in (("prediction", PREDICTIONS), ("variance", VARIANCES), ("precision", PRECISIONS),
+                              ("loss", ("simple", "vlb", "hybrid")), ("timestep_sampler", ("uniform", "importance"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".json")] for p in resources.files(__package__).joinpath("presets").iterdir()
+                  if p.name.endswith(".json"))
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """The named preset with fields overridden; unknown names raise ValueError."""
+    if name not in preset_names():
+        raise ValueError(f"unknown training preset {name!r}; known: {', '.join(preset_names())}")
+    text = resources.files(__package__).joinpath("presets", f"{name}.json").read_text()
+    return _from_dict({**_fields_of(json.loads(text), f"preset {name}"), **overrides})
+
+
+def load_config(path: str | Path, **overrides) -> TrainConfig:
+    """The config in a JSON or YAML file (its ``preset`` key, default ``digits``, is the base),
+    with fields overridden."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ValueError(f"reading {path} needs PyYAML (pip install pyyaml), or write the config as JSON") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    elif path.suffix.lower() == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON: {err}") from None
+    else:
+        raise ValueError(f"config file must end in .json, .yaml or .yml, got {path}")
+    values = _fields_of(values, str(path))
+    base = values.pop("preset", "digits")
+    return preset(base, **{**values, **overrides})
+
+
+def _fields_of(values, where: str) -> dict:
+    if not isinstance(values, dict):
+        raise ValueError(f"{where} must hold a mapping of TrainConfig fields")  # noqa: TRY004 (a user error)
+    return {k: v for k, v in values.items() if not str(k).startswith("_")}
+
+
+def _from_dict(values: dict) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown training options {unknown}; known: {', '.join(sorted(known))}")
+    return replace(TrainConfig(), **values)

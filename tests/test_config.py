@@ -1,0 +1,54 @@
+"""Training configurations: the shipped presets, config files, and their errors."""
+
+import json
+
+import pytest
+
+from fastddpm.config import TrainConfig, load_config, preset, preset_names
+
+
+def test_presets_are_the_recipes():
+    assert preset_names() == ["cifar10", "digits"]
+    cifar = preset("cifar10")
+    assert (cifar.lr, cifar.warmup, cifar.grad_clip, cifar.batch_size, cifar.ema_decay, cifar.dropout, cifar.hflip,
+            cifar.loss, cifar.model) == (2e-4, 5000, 1.0, 128, 0.9999, 0.1, True, "simple", "ddpm-cifar10")
+    digits = preset("digits")
+    assert (digits.lr, digits.ema_decay, digits.steps, digits.grid_scale) == (2e-3, 0.995, 1500, 4)
+    assert preset("digits", steps=7).steps == 7
+
+
+def test_json_and_yaml_files_start_from_a_preset(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps({"preset": "cifar10", "steps": 10, "_note": "a comment"}))
+    config = load_config(tmp_path / "a.json", lr=0.5)
+    assert (config.steps, config.lr, config.warmup) == (10, 0.5, 5000)
+    yaml = pytest.importorskip("yaml")
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump({"steps": 3, "batch_size": 8}))
+    config = load_config(tmp_path / "b.yaml")
+    assert (config.steps, config.batch_size, config.lr) == (3, 8, 2e-3)  # digits is the default base
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        ({"stepz": 3}, ".json", r"unknown training options \['stepz'\]"),
+        ({"steps": 0}, ".json", "steps must be a positive integer, got 0"),
+        ({"precision": "fp8"}, ".json", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
+        ({"ema_decay": 1.0}, ".json", r"ema_decay must lie in \[0, 1\)"),
+        ({"preset": "imagenet"}, ".json", "unknown training preset 'imagenet'"),
+        ([1, 2], ".json", "must hold a mapping of TrainConfig fields"),
+        ("{not json", ".json", "is not valid JSON"),
+        ({"steps": 1}, ".toml", "config file must end in .json, .yaml or .yml"),
+    ],
+)
+def test_bad_config_files_name_the_problem(tmp_path, content, suffix, message):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+def test_missing_file_and_bad_fields():
+    with pytest.raises(ValueError, match="config file not found: nope.json"):
+        load_config("nope.json")
+    with pytest.raises(ValueError, match="variance must be one of"):
+        TrainConfig(variance="learned")

@@ -1,0 +1,165 @@
+"""The Trainer: a short run's outputs, exact resume, NaN stop, signals, atomic checkpoints,
+and torchrun with two Gloo processes against one process."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from fastddpm.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, read_checkpoint, run_checkpoints
+from fastddpm.config import preset
+from fastddpm.trainer import Trainer, TrainingError
+
+SMALL = dict(steps=4, timesteps=20, batch_size=16, samples=4, nll_images=0, log_every=1, warmup=2, device="cpu")
+
+
+def small(**overrides):
+    return preset("digits", **{**SMALL, **overrides})
+
+
+def losses(run_dir):
+    with open(run_dir / "log.csv") as f:
+        return [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+
+
+def model_state(run_dir, ema=False):
+    model, _, header = load_checkpoint(run_dir, use_ema=ema)
+    return model.state_dict(), header
+
+
+def cli(*args, cwd=None, env=None):
+    return subprocess.run([sys.executable, "-m", "fastddpm", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=600)
+
+
+def test_a_short_run_writes_checkpoints_log_grids_and_nll(tmp_path):
+    config = small(steps=4, checkpoint_every=2, sample_every=2, keep_checkpoints=1, nll_images=6)
+    metrics = Trainer(config, tmp_path).fit()
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["steps"] == 4 and metrics["heldout_images"] == 6 and 0 < metrics["heldout_nll_bpd"] < 20
+    assert [p.name for p in run_checkpoints(tmp_path)] == ["checkpoint-00000004.safetensors"]  # keep 1
+    assert (tmp_path / "samples" / "step-00000002.png").is_file()
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "samples.png")
+    assert grid.mode == "L" and grid.size == (4 * (2 * 10 + 2), 4 * (2 * 10 + 2))  # 2×2 digits of 8 px, ×4
+    assert [step for step, _ in losses(tmp_path)] == [1, 2, 3, 4]
+    header, tensors = read_checkpoint(latest_checkpoint(tmp_path))
+    assert header["step"] == 4 and header["data"]["levels"] == 17 and header["train"]["batch_size"] == 16
+    assert any(k.startswith("train.optim.") for k in tensors) and any(k.startswith("ema.") for k in tensors)
+
+
+def test_resume_is_exact(tmp_path):
+    Trainer(small(steps=6), tmp_path / "straight").fit()
+    Trainer(small(steps=3), tmp_path / "resumed").fit()
+    with pytest.raises(ValueError, match="already holds a run .*pass --resume"):
+        Trainer(small(steps=6), tmp_path / "resumed")
+    Trainer(small(steps=6), tmp_path / "resumed", resume=True).fit()
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed")
+    for ema in (False, True):
+        a, _ = model_state(tmp_path / "straight", ema)
+        b, header = model_state(tmp_path / "resumed", ema)
+        assert header["step"] == 6
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_importance_sampling_and_fp16_scaler_is_exact(tmp_path):
+    # The loss-aware sampler's statistics and the loss scale are part of the state.
+    options = dict(timestep_sampler="importance", loss="hybrid", variance="learned_range", precision="bf16")
+    Trainer(small(steps=4, **options), tmp_path / "a").fit()
+    Trainer(small(steps=2, **options), tmp_path / "b").fit()
+    Trainer(small(steps=4, **options), tmp_path / "b", resume=True).fit()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_resume_refuses_other_settings_and_corrupt_checkpoints(tmp_path):
+    Trainer(small(steps=1), tmp_path).fit()
+    with pytest.raises(TrainingError, match="trained with other settings \\(lr\\)"):
+        Trainer(small(steps=2, lr=0.1), tmp_path, resume=True)
+    path = latest_checkpoint(tmp_path)
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*checkpoint-00000001"):
+        Trainer(small(steps=2), tmp_path, resume=True)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+    trainer = Trainer(small(steps=6, checkpoint_every=2, log_every=1), tmp_path)
+    trainer.model.register_forward_hook(lambda m, i, out: out * float("nan") if trainer.step >= 3 else out)
+    with pytest.raises(TrainingError, match=r"NaN/Inf by step 4; .*checkpoint-00000002"):
+        trainer.fit()
+    assert [p.name for p in run_checkpoints(tmp_path)] == ["checkpoint-00000002.safetensors"]
+    state, header = model_state(tmp_path)
+    assert header["step"] == 2 and all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({**SMALL, "steps": 100000, "nll_images": 0}))
+    proc = subprocess.Popen([sys.executable, "-m", "fastddpm", "train", "--config", str(config), "--out",
+                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "interrupted at step" in out and "--resume" in out
+    _, header = model_state(tmp_path / "run")
+    assert 2 <= header["step"] < 100000
+
+
+def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
+    script = f"""
+import os, safetensors.torch
+from fastddpm import checkpoint
+from fastddpm.config import preset
+from fastddpm.trainer import Trainer
+trainer = Trainer(preset("digits", **{{**{SMALL!r}, "steps": 1}}), {str(tmp_path)!r})
+trainer.fit()
+def killed_midway(tensors, path, metadata=None):
+    safetensors.torch.save_file(tensors, path, metadata=metadata)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    os._exit(9)
+checkpoint.save_file = killed_midway
+trainer.train_step()
+trainer.save()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 9, result.stderr
+    assert [p.name for p in run_checkpoints(tmp_path)] == ["checkpoint-00000001.safetensors"]
+    _, header = model_state(tmp_path)
+    assert header["step"] == 1
+
+
+def test_torchrun_with_two_gloo_processes_equals_one_process(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({**SMALL, "steps": 3}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = cli("train", "--config", str(config), "--out", str(tmp_path / "one"), env=env)
+    assert single.returncode == 0, single.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastddpm",
+         "train", "--config", str(config), "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for ema in (False, True):
+        one, _ = model_state(tmp_path / "one", ema)
+        two, header = model_state(tmp_path / "two", ema)
+        assert header["step"] == 3
+        # Gradients agree to float rounding (the all-reduce sums in another order). Adam divides
+        # each gradient element by its own magnitude, so an element whose gradient is at rounding
+        # level can take a different step (at most 2 lr per step); every other element agrees.
+        max_move = 2 * sum(2e-3 * min(1.0, (s + 1) / 2) for s in range(3))
+        diffs = torch.cat([(two[k] - one[k]).abs().flatten() for k in one])
+        assert (diffs > 1e-6).float().mean() < 1e-3 and diffs.max() <= max_move and diffs.mean() < 1e-8
+    for (s1, l1), (s2, l2) in zip(losses(tmp_path / "one"), losses(tmp_path / "two")):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
