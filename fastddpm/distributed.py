@@ -16,7 +16,8 @@ def init(device: str | torch.device) -> tuple[int, int, torch.device]:
     device = torch.device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # CUDA tensors go over NCCL, CPU tensors (the sampler gathers images on the host) over Gloo
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if world > 1 else 0
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))

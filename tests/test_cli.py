@@ -46,11 +46,11 @@ def test_nll_of_a_checkpoint_on_the_digits_heldout_split(checkpoint):
 
 
 def test_sample_writes_png_and_npz(checkpoint, tmp_path):
-    result = cli("sample", "--checkpoint", str(checkpoint), "--n", "5", "--batch-size", "2", "--out", str(tmp_path / "s.npz"))
+    result = cli("sample", "--checkpoint", str(checkpoint), "--no-compile", "--n", "5", "--batch-size", "2", "--out", str(tmp_path / "s.npz"))
     assert result.returncode == 0, result.stderr
     arrays = np.load(tmp_path / "s.npz")
     assert arrays["arr_0"].shape == (5, 8, 8, 1) and arrays["arr_0"].dtype == np.uint8
-    result = cli("sample", "--checkpoint", str(checkpoint), "--n", "4", "--steps", "5", "--eta", "0", "--out", str(tmp_path / "s.png"))
+    result = cli("sample", "--checkpoint", str(checkpoint), "--no-compile", "--n", "4", "--steps", "5", "--eta", "0", "--out", str(tmp_path / "s.png"))
     assert result.returncode == 0, result.stderr
     from PIL import Image
 
