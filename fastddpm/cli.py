@@ -94,7 +94,7 @@ def _add_sample(sub) -> None:
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step as one CUDA graph (default: on for CUDA)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    _add_common(p, "the U-Net")
+    _add_common(p, "the U-Net (pays off on long runs: its first compile takes ~30 s on a CPU)")
 
 
 def _add_nll(sub) -> None:

@@ -163,3 +163,11 @@ def test_torchrun_with_two_gloo_processes_equals_one_process(tmp_path):
         assert (diffs > 1e-6).float().mean() < 1e-3 and diffs.max() <= max_move and diffs.mean() < 1e-8
     for (s1, l1), (s2, l2) in zip(losses(tmp_path / "one"), losses(tmp_path / "two")):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
+
+
+@pytest.mark.slow  # inductor compiles the U-Net's forward and backward: about a minute on 2 cores
+def test_the_compiled_step_trains_like_the_eager_one(tmp_path):
+    Trainer(small(steps=3, compile=False), tmp_path / "eager").fit()
+    Trainer(small(steps=3, compile=True), tmp_path / "compiled").fit()
+    for (s1, l1), (s2, l2) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
+        assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
