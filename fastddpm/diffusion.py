@@ -144,8 +144,12 @@ class GaussianDiffusion:
             raise ValueError(f"t must have shape [B] = ({x.shape[0]},), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"t is on {t.device}, expected {x.device}")
-        if t.numel() and not (0 <= int(t.min()) and int(t.max()) < self.num_timesteps):
-            raise ValueError(f"t out of range: values must lie in [0, {self.num_timesteps - 1}]")
+        # The range needs t's values on the host: a sync on a GPU, a graph break in a compiled
+        # step. A compiled step (the trainer's) draws t from its sampler, so it skips the check.
+        if t.numel() and not torch.compiler.is_compiling():
+            low, high = torch.aminmax(t)
+            if not (0 <= int(low) and int(high) < self.num_timesteps):
+                raise ValueError(f"t out of range: values must lie in [0, {self.num_timesteps - 1}]")
 
     def _checked(self, x: torch.Tensor, t, *others: tuple[str, torch.Tensor]) -> torch.Tensor:
         self._check_t(t, x)

@@ -200,7 +200,7 @@ class Coefficients:
 
     @classmethod
     def row_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls) if f.name not in ("table", "timesteps"))
+        return _ROW_NAMES  # a constant: torch.compile cannot trace dataclasses.fields
 
     @classmethod
     def row(cls, name: str) -> int:
@@ -210,3 +210,6 @@ class Coefficients:
     @property
     def num_timesteps(self) -> int:
         return self.table.shape[1]
+
+
+_ROW_NAMES = tuple(f.name for f in fields(Coefficients) if f.name not in ("table", "timesteps"))

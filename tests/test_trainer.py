@@ -165,6 +165,15 @@ def test_torchrun_with_two_gloo_processes_equals_one_process(tmp_path):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
 
 
+def test_the_step_that_gets_compiled_is_one_graph(tmp_path):
+    # Forward, q_sample and the fused loss with hybrid vb terms and importance weights: no graph
+    # break, no host sync (the key and t are tensors).
+    trainer = Trainer(small(steps=1, loss="hybrid", variance="learned_range", timestep_sampler="importance"), tmp_path)
+    x0, t, w, _ = trainer._batch(torch.Generator().manual_seed(0))
+    explained = torch._dynamo.explain(trainer._losses)(x0, t, w, trainer.key)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+
+
 @pytest.mark.slow  # inductor compiles the U-Net's forward and backward: about a minute on 2 cores
 def test_the_compiled_step_trains_like_the_eager_one(tmp_path):
     Trainer(small(steps=3, compile=False), tmp_path / "eager").fit()

@@ -1,0 +1,60 @@
+"""`python -m benchmarks.plot`: one PNG per workload and device from results.csv — a bar per
+provider · mode, grouped by size and dtype, with the p20–p80 range as an error bar."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections import defaultdict
+from pathlib import Path
+
+from .harness import RESULTS, read_rows
+
+
+def plot(rows: list[dict], out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["workload"], r["device"])].append(r)
+    written = []
+    for (workload, device), mine in sorted(groups.items()):
+        mine.sort(key=lambda r: (r["size"], r["dtype"], r["provider"], r["mode"]))
+        labels = [f"{r['size']} {r['dtype']}\n{r['provider']} · {r['mode']}" for r in mine]
+        median = [float(r["median"]) for r in mine]
+        low = [m - float(r["p20"]) for m, r in zip(median, mine)]
+        high = [float(r["p80"]) - m for m, r in zip(median, mine)]
+        errors = [[abs(v) for v in low], [abs(v) for v in high]]
+        colors = {"fused": "tab:green", "eager": "tab:gray", "diffusers": "tab:orange"}
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(mine) + 1.5))
+        ax.barh(range(len(mine)), median, xerr=errors, color=[colors.get(r["provider"], "tab:blue") for r in mine])
+        ax.set_yticks(range(len(mine)), labels, fontsize=7)
+        ax.invert_yaxis()
+        unit = mine[0]["unit"]
+        ax.set_xlabel(f"{unit} ({'lower' if unit == 'ms' else 'higher'} is better)")
+        if unit == "ms":
+            ax.set_xscale("log")
+        ax.set_title(f"{workload} — {device}", fontsize=9)
+        fig.tight_layout()
+        slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+        path = out_dir / f"{workload}-{slug}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__)
+    p.add_argument("--csv", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS.parent)
+    args = p.parse_args(argv)
+    for path in plot(read_rows(args.csv), args.out):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

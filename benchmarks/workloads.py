@@ -1,0 +1,323 @@
+"""The benchmark workloads. Each takes a `Context` and returns rows for its providers:
+``fused`` (fastddpm's operators / engine), ``eager`` (the reference, as a user would run it)
+and ``diffusers`` (when installed; same weights through fastddpm.interop for end-to-end rows).
+
+Kernel rows time one call (ms); end-to-end rows report images/s.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fastddpm import GaussianDiffusion, NoiseSchedule, UNet, ops, reference
+from fastddpm.sampler import Sampler
+
+from .harness import Floors, Row, make_row, time_call
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Context:
+    device: torch.device
+    quick: bool
+    floors: Floors
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def repeats(self) -> int:
+        return 5 if self.quick else 15
+
+    def kernel_sizes(self) -> list[tuple[int, ...]]:
+        if self.cuda:
+            return [(64, 3, 32, 32), (256, 3, 32, 32), (64, 3, 256, 256)]
+        return [(64, 3, 32, 32)] if self.quick else [(64, 3, 32, 32), (256, 3, 32, 32)]
+
+    def row(self, workload, provider, mode, size, dtype, times, nbytes=0, flops=0.0, flops_dtype=torch.float32,
+            images=None) -> Row:
+        if images is None:
+            pct = self.floors.percent(sorted(times)[len(times) // 2], nbytes, flops, flops_dtype)
+            return make_row(workload, provider, mode, size, dtype, [t * 1e3 for t in times], "ms", pct, self.device)
+        pct = self.floors.percent(sorted(times)[len(times) // 2], 0, flops, flops_dtype) if flops else None
+        return make_row(workload, provider, mode, size, dtype, [images / t for t in times], "img/s", pct, self.device)
+
+
+def _size(shape) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _diffusers():
+    try:
+        import diffusers
+    except ImportError:
+        return None
+    return diffusers
+
+
+def _inputs(ctx: Context, shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g).to(ctx.device) for _ in range(3)]
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+
+
+def reverse_step(ctx: Context) -> list[Row]:
+    rows = []
+    coef = NoiseSchedule.linear(1000).coefficients(ctx.device)
+    diffusers = _diffusers()
+    options = dict(prediction="eps", variance="fixed_small", clip_denoised=True)
+    for shape in ctx.kernel_sizes():
+        x, out32, z = _inputs(ctx, shape)
+        B, N = shape[0], math.prod(shape[1:])
+        t = torch.full((B,), 500, device=ctx.device)
+        key = ops.noise_key(1, 0, 0, ctx.device)
+        for dname, dtype in DTYPES.items():
+            out = out32.to(dtype)
+            model_bytes = B * N * out.element_size()
+            for mode, noise, extra in (("noise=in-kernel", None, 0), ("noise=given", z, 4 * B * N)):
+                times = time_call(lambda: ops.reverse_step_op(x, out, t, coef.table, noise, key, "eps", "fixed_small",
+                                                              True, None), ctx.device, ctx.repeats)
+                rows.append(ctx.row("reverse_step", "fused", mode, _size(shape), dname, times,
+                                    nbytes=8 * B * N + model_bytes + extra))
+            if not ctx.cuda and ops.native_kernels is not None:  # the kernel without the operator's dispatch
+                times = time_call(lambda: ops.native_kernels.reverse_step(x, out, t, coef.table, None, key, "eps",
+                                                                          "fixed_small", True, None),
+                                  ctx.device, ctx.repeats)
+                rows.append(ctx.row("reverse_step", "fused", "native launcher, noise=in-kernel", _size(shape), dname,
+                                    times, nbytes=8 * B * N + model_bytes))
+            times = time_call(lambda: reference.reverse_step(x, out.float(), t, torch.randn_like(x), coef, **options),
+                              ctx.device, ctx.repeats)
+            rows.append(ctx.row("reverse_step", "eager", "noise=randn", _size(shape), dname, times,
+                                nbytes=8 * B * N + model_bytes))
+            if diffusers is not None:
+                scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                                    variance_type="fixed_small", clip_sample=True)
+                g = torch.Generator(ctx.device).manual_seed(1)
+                times = time_call(lambda: scheduler.step(out, 500, x, generator=g).prev_sample, ctx.device,
+                                  ctx.repeats)
+                rows.append(ctx.row("reverse_step", "diffusers", "DDPMScheduler.step", _size(shape), dname, times,
+                                    nbytes=8 * B * N + model_bytes))
+    return rows
+
+
+def train_loss(ctx: Context) -> list[Row]:
+    """q_sample + ε-MSE forward and backward, with the model output as a leaf tensor."""
+    rows = []
+    coef = NoiseSchedule.linear(1000).coefficients(ctx.device)
+    diffusers = _diffusers()
+    for shape in ctx.kernel_sizes():
+        x0, pred32, _ = _inputs(ctx, shape)
+        B, N = shape[0], math.prod(shape[1:])
+        t = torch.randint(0, 1000, (B,), generator=torch.Generator().manual_seed(0)).to(ctx.device)
+        key = ops.noise_key(1, 0, 0, ctx.device)
+        for dname, dtype in DTYPES.items():
+            pred = pred32.to(dtype).requires_grad_()
+            nbytes = 12 * B * N + 2 * B * N * pred.element_size()  # x0 → x_t; read pred, x0; write grad
+
+            def fused():
+                x_t = ops.q_sample_op(x0, t, coef.table, None, key)
+                per_sample, _ = ops.eps_loss_op(pred, x0, t, coef.table, None, key, "eps")
+                per_sample.mean().backward()
+                return x_t
+
+            def eager():
+                noise = torch.randn_like(x0)
+                x_t = reference.q_sample(x0, t, noise, coef)
+                loss, _ = reference.simple_loss(pred.float(), x0, noise, t, coef, prediction="eps")
+                loss.backward()
+                return x_t
+
+            for provider, fn in (("fused", fused), ("eager", eager)):
+                rows.append(ctx.row("train_loss", provider, "fwd+bwd", _size(shape), dname,
+                                    time_call(fn, ctx.device, ctx.repeats), nbytes=nbytes))
+            if diffusers is not None:
+                scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+
+                def recipe():
+                    noise = torch.randn_like(x0)
+                    x_t = scheduler.add_noise(x0, noise, t)
+                    F.mse_loss(pred.float(), noise).backward()
+                    return x_t
+
+                rows.append(ctx.row("train_loss", "diffusers", "add_noise+mse_loss", _size(shape), dname,
+                                    time_call(recipe, ctx.device, ctx.repeats), nbytes=nbytes))
+    return rows
+
+
+def vlb_terms(ctx: Context) -> list[Row]:
+    rows = []
+    coef = NoiseSchedule.linear(1000).coefficients(ctx.device)
+    for shape in ctx.kernel_sizes():
+        x0, out, x_t = _inputs(ctx, shape)
+        B, N = shape[0], math.prod(shape[1:])
+        x0 = x0.clamp(-1, 1)
+        t = torch.arange(B, device=ctx.device) % 1000
+        options = dict(prediction="eps", variance="fixed_small", clip_denoised=True, levels=256)
+        fused = lambda: ops.vlb_terms_op(out, x0, x_t, t, coef.table, "eps", "fixed_small", True, 256)  # noqa: E731
+        eager = lambda: reference.vlb_terms(out, x0, x_t, t, coef, **options)  # noqa: E731
+        for provider, fn in (("fused", fused), ("eager", eager)):
+            rows.append(ctx.row("vlb_terms", provider, "fixed_small", _size(shape), "fp32",
+                                time_call(fn, ctx.device, ctx.repeats), nbytes=12 * B * N))
+    return rows
+
+
+# ---- end to end ---------------------------------------------------------------------------------
+
+
+def _e2e_model(ctx: Context) -> tuple[UNet, tuple[int, int, int]]:
+    """ddpm-cifar10 (35.7M) on a GPU; the digits U-Net (8×8, 1 channel) on the CPU."""
+    torch.manual_seed(0)
+    if ctx.cuda:
+        return UNet.from_preset("ddpm-cifar10", dropout=0.0).to(ctx.device), (3, 32, 32)
+    return UNet.from_preset("ddpm-digits").to(ctx.device), (1, 8, 8)
+
+
+def _unet_flops(model: UNet, shape) -> float:
+    """FLOPs of one U-Net forward on one image (torch.utils.flop_counter)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.zeros(1, *shape, device=next(model.parameters()).device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, torch.zeros(1, dtype=torch.long, device=x.device))
+    return float(counter.get_total_flops())
+
+
+def _to_diffusers(model: UNet):
+    try:
+        from fastddpm.interop.diffusers import unet_to_diffusers
+    except ImportError:
+        return None
+    return unet_to_diffusers(model)
+
+
+def sample_e2e(ctx: Context) -> list[Row]:
+    model, shape = _e2e_model(ctx)
+    model.eval()
+    batch = 256 if ctx.cuda else 64
+    steps = 1000 if ctx.cuda else (50 if ctx.quick else 1000)
+    diffusion = GaussianDiffusion(NoiseSchedule.linear(1000))
+    flops = _unet_flops(model, shape) * steps * batch
+    size = f"{batch}x{_size(shape)}, {steps} steps"
+    rows = []
+    repeats = 3 if ctx.quick or ctx.cuda else 5
+
+    def measure(provider, mode, fn, dtype=torch.float32):
+        fn()  # warm-up (and compile / capture)
+        times = time_call(fn, ctx.device, repeats, min_seconds=0.0)
+        rows.append(ctx.row("sample_e2e", provider, mode, size, "bf16" if dtype == torch.bfloat16 else "fp32",
+                            times, flops=flops, flops_dtype=dtype, images=batch))
+
+    reference_diffusion = GaussianDiffusion(NoiseSchedule.linear(1000), backend="reference")
+    respaced = None if steps == 1000 else steps
+    measure("eager", "reference loop", lambda: reference_diffusion.sample(model, (batch, *shape), steps=respaced,
+                                                                         progress=False))
+    levers = [("no compile", dict(compile=False, cuda_graph=False)), ("+compile", dict(compile=True, cuda_graph=False))]
+    if ctx.cuda:
+        levers += [("+compile+cuda_graph", dict(compile=True, cuda_graph=True)),
+                   ("+compile+cuda_graph+bf16", dict(compile=True, cuda_graph=True, precision="bf16"))]
+    else:
+        levers += [("+bf16", dict(compile=False, precision="bf16"))]
+    for mode, options in levers:
+        sampler = Sampler(model, diffusion, steps=respaced, batch_size=batch, progress=False, **options)
+        dtype = torch.bfloat16 if options.get("precision") == "bf16" else torch.float32
+        measure("fused", mode, lambda: sampler.sample(batch, seed=0), dtype)
+    unet2d, diffusers = _to_diffusers(model), _diffusers()
+    if unet2d is not None and diffusers is not None:
+        scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", clip_sample=True)
+        pipeline = diffusers.DDPMPipeline(unet=unet2d.to(ctx.device), scheduler=scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        measure("diffusers", "DDPMPipeline fp32",
+                lambda: pipeline(batch_size=batch, num_inference_steps=steps, output_type="np"))
+    return rows
+
+
+def train_e2e(ctx: Context) -> list[Row]:
+    """One training step (forward, backward, Adam, EMA for fastddpm) at batch 128."""
+    from fastddpm.config import preset
+    from fastddpm.trainer import Trainer
+
+    model, shape = _e2e_model(ctx)
+    batch, rows = 128, []
+    size = f"{batch}x{_size(shape)}"
+    repeats = 3 if ctx.quick else 10
+    flops = 3 * _unet_flops(model, shape) * batch  # forward + backward ≈ 3 forwards
+
+    def measure(provider, mode, step, dtype=torch.float32):
+        for _ in range(2):
+            step()  # warm-up (and compile)
+        times = time_call(step, ctx.device, repeats, min_seconds=0.0)
+        rows.append(ctx.row("train_e2e", provider, mode, size, "bf16" if dtype == torch.bfloat16 else "fp32",
+                            times, flops=flops, flops_dtype=dtype, images=batch))
+
+    data = torch.rand(batch * 4, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    x0 = data[:batch].to(ctx.device)
+    reference_diffusion = GaussianDiffusion(NoiseSchedule.linear(1000), backend="reference")
+    eager_model = _e2e_model(ctx)[0].train()
+    optimizer = torch.optim.Adam(eager_model.parameters(), lr=2e-4)
+
+    def eager_step():
+        optimizer.zero_grad(set_to_none=True)
+        reference_diffusion.training_loss(eager_model, x0).backward()
+        optimizer.step()
+
+    measure("eager", "reference fp32", eager_step)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "data.npy"
+        np.save(path, ((data.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().astype(np.uint8))
+        levers = [("fused", dict(compile=False)), ("+compile", dict(compile=True)),
+                  ("+compile+bf16", dict(compile=True, precision="bf16"))]
+        for mode, options in levers:
+            config = preset("cifar10" if ctx.cuda else "digits", data=str(path), batch_size=batch, timesteps=1000,
+                            device=str(ctx.device), nll_images=0, **options)
+            trainer = Trainer(config, Path(tmp) / mode)
+            dtype = torch.bfloat16 if options.get("precision") == "bf16" else torch.float32
+            measure("fused", mode, trainer.train_step, dtype)
+
+    unet2d, diffusers = _to_diffusers(_e2e_model(ctx)[0]), _diffusers()
+    if unet2d is not None and diffusers is not None:
+        unet2d = unet2d.to(ctx.device).train()
+        scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
+        d_optimizer = torch.optim.Adam(unet2d.parameters(), lr=2e-4)
+
+        def diffusers_step():
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, 1000, (batch,), device=ctx.device)
+            d_optimizer.zero_grad(set_to_none=True)
+            F.mse_loss(unet2d(scheduler.add_noise(x0, noise, t), t).sample, noise).backward()
+            d_optimizer.step()
+
+        measure("diffusers", "UNet2DModel+add_noise+mse fp32", diffusers_step)
+    return rows
+
+
+def nll(ctx: Context) -> list[Row]:
+    """Bits/dim evaluation: the full bound over all T terms, images/s."""
+    model, shape = _e2e_model(ctx)
+    model.eval()
+    batch = 256 if ctx.cuda else 64
+    T = 1000 if (ctx.cuda or not ctx.quick) else 100
+    x0 = (torch.rand(batch, *shape, generator=torch.Generator().manual_seed(0)) * 2 - 1).to(ctx.device)
+    rows = []
+    for provider, backend in (("fused", "auto"), ("eager", "reference")):
+        diffusion = GaussianDiffusion(NoiseSchedule.linear(T), backend=backend)
+        fn = lambda: diffusion.nll(model, x0, progress=False)  # noqa: E731
+        fn()
+        times = time_call(fn, ctx.device, 3, min_seconds=0.0)
+        rows.append(ctx.row("nll", provider, f"{T} terms", f"{batch}x{_size(shape)}", "fp32", times, images=batch))
+    return rows
+
+
+WORKLOADS = {"reverse_step": reverse_step, "train_loss": train_loss, "vlb_terms": vlb_terms,
+             "sample_e2e": sample_e2e, "train_e2e": train_e2e, "nll": nll}
