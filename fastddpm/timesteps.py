@@ -20,9 +20,8 @@ class UniformSampler:
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, device=self.device, dtype=torch.float64)
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        p = self.probabilities()
-        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
-        return t, (1.0 / (self.num_timesteps * p[t])).float()
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, device=self.device)
+        return t, torch.ones(batch_size, device=self.device)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Uniform sampling ignores the losses."""
@@ -44,6 +43,11 @@ class LossAwareSampler(UniformSampler):
         self.uniform_prob = uniform_prob
         self.second_moment = torch.zeros(num_timesteps, dtype=torch.float64, device=self.device)
         self.counts = torch.zeros(num_timesteps, dtype=torch.float64, device=self.device)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        p = self.probabilities()
+        t = torch.multinomial(p, batch_size, replacement=True, generator=generator)
+        return t, (1.0 / (self.num_timesteps * p[t])).float()
 
     def probabilities(self) -> torch.Tensor:
         uniform = super().probabilities()

@@ -143,7 +143,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, fused=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.timestep_sampler = sampler_by_name(config.timestep_sampler, self.diffusion.num_timesteps, self.device)
-        self.key = noise_key(config.seed, 0, 0, self.device)
+        self.key = noise_key(config.seed, self.rank * self.local_batch, 0, self.device)
         compiled = cuda if config.compile is None else config.compile
         self.losses = torch.compile(self._losses) if compiled else self._losses
         self.step, self._epoch, self._order = 0, -1, None
@@ -183,7 +183,7 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(derived_seed(c.seed, 0, self.step))
         x0, t, w, t_all = self._batch(generator)
         torch.manual_seed(derived_seed(c.seed, 2, self.step, self.rank))  # dropout
-        self.key.copy_(torch.tensor([c.seed, self.rank * self.local_batch, self.step]))
+        self.key[2].fill_(self.step)  # a scalar fill: no host-to-device copy to wait for
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * min(1.0, (self.step + 1) / max(c.warmup, 1))
         loss, per_sample = self.losses(x0, t, w, self.key)
