@@ -81,9 +81,13 @@ def _add_train(sub) -> None:
 
 
 def _add_sample(sub) -> None:
-    p = sub.add_parser("sample", help="draw samples from a checkpoint",
+    p = sub.add_parser("sample", help="draw samples from a checkpoint or a diffusers folder",
                        formatter_class=_Help)
-    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, or a run directory (its newest)")
+    p.add_argument("--checkpoint", type=Path, default=None, help="a checkpoint file, or a run directory (its newest)")
+    p.add_argument("--from-diffusers", type=Path, default=None, metavar="PATH",
+                   help="instead of --checkpoint: a local diffusers folder (a DDPMPipeline, or a UNet2DModel with an "
+                        "optional scheduler_config.json) such as a download of google/ddpm-cifar10-32; never fetched from the "
+                        "hub; needs fastddpm[diffusers]")
     p.add_argument("--n", type=_positive_int, default=64, help="number of images")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
                    help="a .png grid, a .npz (uint8 N×H×W×C, as FID tools read), or a directory of PNGs")
@@ -157,8 +161,14 @@ def run_sample(args) -> None:
         raise ValueError(f"--out must be a .png grid, a .npz file or a directory, got {args.out}")
     if args.start < 0:
         raise ValueError(f"--start must be a non-negative integer, got {args.start}")
+    if (args.checkpoint is None) == (args.from_diffusers is None):
+        raise ValueError("give exactly one of --checkpoint PATH and --from-diffusers PATH")
     rank, _, device = distributed.init(args.device or _default_device())
-    model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    if args.from_diffusers is not None:
+        model, diffusion = _load_diffusers(args.from_diffusers, device)
+        header = {}
+    else:
+        model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
     sampler = Sampler(model, diffusion, steps=args.steps, eta=args.eta, batch_size=args.batch_size,
                       precision=args.precision or "fp32", compile=args.compile, cuda_graph=args.cuda_graph)
     started = time.perf_counter()
@@ -167,6 +177,14 @@ def run_sample(args) -> None:
     if rank == 0:
         path = save_images(images, args.out, scale=header.get("train", {}).get("grid_scale", 1))
         print(f"wrote {args.n} samples to {path} ({args.n / seconds:.1f} images/s)")
+
+
+def _load_diffusers(path: Path, device: str):
+    try:
+        from .interop.diffusers import load_pretrained
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    return load_pretrained(path, device)
 
 
 def run_nll(args) -> None:
