@@ -88,10 +88,12 @@ def _add_sample(sub) -> None:
                    help="instead of --checkpoint: a local diffusers folder (a DDPMPipeline, or a UNet2DModel with an "
                         "optional scheduler_config.json) such as a download of google/ddpm-cifar10-32; never fetched from the "
                         "hub; needs fastddpm[diffusers]")
-    p.add_argument("--n", type=_positive_int, default=64, help="number of images")
+    # --num-images / --first-image: torchrun's own parser claims --n and --start (prefixes of its options)
+    p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=64, help="number of images")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
                    help="a .png grid, a .npz (uint8 N×H×W×C, as FID tools read), or a directory of PNGs")
-    p.add_argument("--start", type=int, default=0, help="index of the first image (image k of a seed never changes)")
+    p.add_argument("--start", "--first-image", dest="start", type=int, default=0,
+                   help="index of the first image (image k of a seed never changes)")
     p.add_argument("--steps", type=_positive_int, default=None, help="respace to this many steps (default: all)")
     p.add_argument("--eta", type=float, default=None, help="sample with DDIM(eta) instead of ancestral DDPM")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")

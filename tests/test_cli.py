@@ -1,5 +1,6 @@
 """The command line: help, one-line errors with a non-zero exit, and sampling from a checkpoint."""
 
+import os
 import subprocess
 import sys
 
@@ -91,3 +92,19 @@ def test_cuda_device_without_cuda_is_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(argparse.ArgumentTypeError, match="CUDA is not available"):
         cli_module._device("cuda:0")
+
+
+def test_torchrun_sampling_writes_what_one_process_writes(checkpoint, tmp_path):
+    # Two ranks of 2 images each, the same batches as one process with --batch-size 2: equal files.
+    # --num-images, not --n: torchrun's parser takes --n for a prefix of its own --nnodes/--nproc-per-node
+    args = ["sample", "--checkpoint", str(checkpoint), "--num-images", "4", "--batch-size", "2", "--no-compile",
+            "--seed", "5"]
+    single = cli(*args, "--out", str(tmp_path / "one.npz"))
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "fastddpm", *args, "--out", str(tmp_path / "two.npz")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote 4 samples") == 1  # rank 0 writes
+    np.testing.assert_array_equal(np.load(tmp_path / "two.npz")["arr_0"], np.load(tmp_path / "one.npz")["arr_0"])
