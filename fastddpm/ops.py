@@ -236,25 +236,32 @@ def _vlb_terms_math(model_out, x0, x_t, t, table, prediction, variance, clip_den
     )
 
 
+_LIBRARY = None if triton_kernels is not None else torch.library.Library("fastddpm", "DEF")
+
+
 def _define(name: str, impl, check, output):
     """The operator ``fastddpm::name``: with Triton, a `triton_op` whose CUDA implementation the
-    compiler can trace into (the checks, then the launcher of kernels/triton); else a custom op
-    on ``impl``, the reference, with a fake that runs ``check`` and makes ``output``."""
+    compiler can trace into (the checks, then the launcher of kernels/triton); else an operator
+    defined directly in a `torch.library.Library` — the reference for every device, the native
+    kernel for the CPU, and a fake that runs ``check`` and makes ``output``. (The direct definition
+    skips custom_op's Python wrappers: 145 → 128 µs for a 64×3×32×32 CPU reverse step.)"""
+    cpu = impl if native_kernels is None else _on_kernel(getattr(native_kernels, name), check, impl)
     if triton_kernels is not None:
         op = torch.library.triton_op(
             f"fastddpm::{name}", _on_kernel(getattr(triton_kernels, name), check, impl), mutates_args=()
         )
-    else:
-        op = torch.library.custom_op(f"fastddpm::{name}", impl, mutates_args=())
+        op.register_kernel("cpu")(cpu)
+        return op
 
-        @op.register_fake
-        def _(*args):
-            check(*args)
-            return output(*args)
+    def fake(*args):
+        check(*args)
+        return output(*args)
 
-    cpu = impl if native_kernels is None else _on_kernel(getattr(native_kernels, name), check, impl)
-    op.register_kernel("cpu")(cpu)
-    return op
+    _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=()))
+    _LIBRARY.impl(name, impl, "CompositeExplicitAutograd")
+    _LIBRARY.impl(name, cpu, "CPU")
+    torch.library.register_fake(f"fastddpm::{name}", fake, lib=_LIBRARY)
+    return getattr(torch.ops.fastddpm, name).default
 
 
 def _like_first(first: Tensor, *args) -> Tensor:
@@ -322,9 +329,9 @@ def _vlb_terms_backward(ctx, grad):
     return grad_out, None, None, None, None, None, None, None, None
 
 
-q_sample_op.register_autograd(_q_sample_backward, setup_context=_q_sample_setup)
-eps_loss_op.register_autograd(_eps_loss_backward, setup_context=_eps_loss_setup)
-vlb_terms_op.register_autograd(_vlb_terms_backward, setup_context=_vlb_terms_setup)
+torch.library.register_autograd(q_sample_op, _q_sample_backward, setup_context=_q_sample_setup)
+torch.library.register_autograd(eps_loss_op, _eps_loss_backward, setup_context=_eps_loss_setup)
+torch.library.register_autograd(vlb_terms_op, _vlb_terms_backward, setup_context=_vlb_terms_setup)
 
 
 # ---- the backend GaussianDiffusion calls ------------------------------------------------------
