@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from .trainer import TrainingError
 
+    from . import distributed
+
     try:
         {"train": run_train, "sample": run_sample, "nll": run_nll, "info": run_info}[args.command](args)
+        distributed.shutdown()
     except (ValueError, OSError, TrainingError, CheckpointError, DatasetError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         print(f"fastddpm {args.command}: error: {message}", file=sys.stderr)

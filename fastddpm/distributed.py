@@ -56,3 +56,11 @@ def any_rank(flag: torch.Tensor | bool, world: int, device: torch.device) -> boo
 def barrier(world: int) -> None:
     if world > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Wait for every rank, then end the process group (a rank that exits first with the group
+    still up can abort in Gloo's threads)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
