@@ -56,8 +56,7 @@ def coordinates(seed, sample_base, step, key, device: torch.device):
     if not isinstance(key, torch.Tensor) or key.dtype != torch.int64 or key.shape != (3,):
         raise ValueError("key must be an int64 tensor [seed, sample_base, step] of shape (3,), got "
                          f"{getattr(key, 'dtype', type(key).__name__)} {tuple(getattr(key, 'shape', ()))}")
-    if key.device != device:
-        raise ValueError(f"key is on {key.device}, expected {device} (all tensors must share one device)")
+    check_device(key, "key", device)
     return 0, 0, 0, key.contiguous()
 
 
@@ -85,11 +84,22 @@ def check_batch(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must have shape [B, ...] with B >= 1, got {tuple(x.shape)}")
 
 
+def check_device(x: torch.Tensor, name: str, device: torch.device) -> None:
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} (all tensors must share one device)")
+
+
+def check_tensor(x, name: str, device: torch.device, what: str) -> None:
+    """``x`` is a tensor (else "``name`` must be ``what``") on ``device``."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be {what}, got {type(x).__name__}")
+    check_device(x, name, device)
+
+
 def check_image(x: torch.Tensor, name: str, device: torch.device) -> torch.Tensor:
     """A float32 [B, ...] tensor; made contiguous (copy) when it is not."""
     check_batch(x, name)
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device}, expected {device} (all tensors must share one device)")
+    check_device(x, name, device)
     if x.dtype != torch.float32:
         raise ValueError(f"{name} must be float32, got {x.dtype}")
     return x.contiguous()
@@ -99,8 +109,7 @@ def check_model(x: torch.Tensor, name: str, device: torch.device, batch: int, nu
     """A float32/float16/bfloat16 [B, ...] tensor with ``f·numel`` elements per sample (f in factors);
     each sample dense (a contiguous copy is made otherwise). Returns (tensor, batch stride)."""
     check_batch(x, name)
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device}, expected {device} (all tensors must share one device)")
+    check_device(x, name, device)
     if x.dtype not in MODEL_DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
     if x.shape[0] != batch:
@@ -116,10 +125,7 @@ def check_model(x: torch.Tensor, name: str, device: torch.device, batch: int, nu
 
 
 def check_t(t: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"t must be an int64 tensor [B], got {type(t).__name__}")
-    if t.device != device:
-        raise ValueError(f"t is on {t.device}, expected {device} (all tensors must share one device)")
+    check_tensor(t, "t", device, "an int64 tensor [B]")
     if t.dtype != torch.int64:
         raise ValueError(f"t must be int64, got {t.dtype}")
     if t.shape != (batch,):
@@ -128,10 +134,7 @@ def check_t(t: torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
 
 
 def check_table(table: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if not isinstance(table, torch.Tensor):
-        raise ValueError(f"table must be the float32 [R, T] Coefficients.table, got {type(table).__name__}")
-    if table.device != device:
-        raise ValueError(f"table is on {table.device}, expected {device} (all tensors must share one device)")
+    check_tensor(table, "table", device, "the float32 [R, T] Coefficients.table")
     if table.dtype != torch.float32:
         raise ValueError(f"table must be float32, got {table.dtype}")
     if table.ndim != 2 or table.shape[0] != len(ROW):
@@ -140,10 +143,7 @@ def check_table(table: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def check_per_sample(v, name: str, batch: int, device: torch.device) -> torch.Tensor:
-    if not isinstance(v, torch.Tensor):
-        raise ValueError(f"{name} must be a float32 tensor [B], got {type(v).__name__}")
-    if v.device != device:
-        raise ValueError(f"{name} is on {v.device}, expected {device} (all tensors must share one device)")
+    check_tensor(v, name, device, "a float32 tensor [B]")
     if not v.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got {v.dtype}")
     if v.shape != (batch,):
@@ -154,8 +154,7 @@ def check_per_sample(v, name: str, batch: int, device: torch.device) -> torch.Te
 def check_noise(noise, batch: int, numel: int, device: torch.device) -> torch.Tensor:
     """A float32 noise tensor with the image's B and N (any shape [B, ...]); contiguous copy if needed."""
     check_batch(noise, "noise")
-    if noise.device != device:
-        raise ValueError(f"noise is on {noise.device}, expected {device} (all tensors must share one device)")
+    check_device(noise, "noise", device)
     if noise.dtype != torch.float32:
         raise ValueError(f"noise must be float32, got {noise.dtype}")
     if noise.shape[0] != batch or per_sample_numel(noise) != numel:
