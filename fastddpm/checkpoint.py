@@ -95,6 +95,11 @@ def build_model(header: dict, state: dict, path) -> UNet:
         model = UNet(UNetConfig.from_dict(header["unet"]))
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} has no valid U-Net config: {err}") from None
+    return load_weights(model, state, path)
+
+
+def load_weights(model: UNet, state: dict, path) -> UNet:
+    """``model`` with the checkpoint's ``state`` loaded, or a `CheckpointError` naming the mismatch."""
     try:
         model.load_state_dict(state)
     except RuntimeError as err:

@@ -191,14 +191,14 @@ def _load_diffusers(path: Path, device: str):
 
 def run_nll(args) -> None:
     from .checkpoint import load_checkpoint
-    from .datasets import load_heldout
+    from .datasets import load_dataset, load_heldout
     from .trainer import heldout_nll
 
     device = args.device or _default_device()
     model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
     data = args.data if args.data is not None else header.get("train", {}).get("data")
     size = header.get("train", {}).get("image_size")
-    heldout = load_heldout(data, size) if args.data is None else _as_heldout(args.data, size)
+    heldout = load_heldout(data, size) if args.data is None else load_dataset(args.data, size)
     if heldout is None:
         raise ValueError(f"the data {data!r} has no held-out split; pass --data")
     images = heldout.tensor(device)[: args.n]
@@ -207,12 +207,6 @@ def run_nll(args) -> None:
         raise ValueError(f"held-out images have shape {tuple(images.shape[1:])}, the model takes {shape}")
     bpd = heldout_nll(model, diffusion, images, args.batch_size, args.seed)
     print(f"held-out NLL: {bpd:.4f} bits/dim ({len(images)} images, {diffusion.num_timesteps} terms)")
-
-
-def _as_heldout(spec: str, size):
-    from .datasets import load_dataset
-
-    return load_dataset(spec, size)
 
 
 def run_info(args) -> None:
@@ -237,9 +231,8 @@ def run_info(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from .trainer import TrainingError
-
     from . import distributed
+    from .trainer import TrainingError
 
     try:
         {"train": run_train, "sample": run_sample, "nll": run_nll, "info": run_info}[args.command](args)

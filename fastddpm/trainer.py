@@ -42,9 +42,9 @@ from tqdm.auto import tqdm
 from . import distributed
 from .checkpoint import (
     CheckpointError,
-    build_model,
     checkpoint_path,
     latest_checkpoint,
+    load_weights,
     prune_checkpoints,
     read_checkpoint,
     save_checkpoint,
@@ -309,8 +309,8 @@ class Trainer:
         if changed:
             raise TrainingError(f"{path} was trained with other settings ({', '.join(changed)}); resume with the "
                                 "same config or choose another --out")
-        self.model.load_state_dict(build_model(header, weights(tensors, "model"), path).state_dict())
-        self.ema.load_state_dict(build_model(header, weights(tensors, "ema"), path).state_dict())
+        load_weights(self.model, weights(tensors, "model"), path)
+        load_weights(self.ema, weights(tensors, "ema"), path)
         train_state = weights(tensors, "train")
         state: dict = {}
         for name, value in train_state.items():
