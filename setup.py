@@ -95,7 +95,7 @@ else:
         Pybind11Extension(
             "fastddpm._native",
             sorted(str(p) for p in NATIVE.glob("*.cpp")),
-            depends=sorted(str(p) for p in NATIVE.glob("*.h")),
+            depends=sorted(str(p) for p in [*NATIVE.glob("*.h"), *NATIVE.glob("*.inc")]),
             include_dirs=[str(NATIVE)],
             cxx_std=17,
         )

@@ -9,6 +9,8 @@ the kernel they also cover the rounding of log/cos/sin (1e-5 absolute).
 import itertools
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -186,6 +188,42 @@ def test_sample_k_is_the_same_in_any_batch():
     batch = native_normal(8, SHAPE, 7, 100, 3, rng.STREAM_TRAIN)
     for k in range(8):
         assert torch.equal(native_normal(1, SHAPE, 7, 100 + k, 3, rng.STREAM_TRAIN)[0], batch[k])
+
+
+@native
+def test_normals_are_within_1e_6_of_box_muller_in_float64():
+    """The kernels' log, sqrt, sin and cos against float64 on the definition's float32 uniforms
+    (tighter than the contract's 1e-5, which also covers the definition's float32 θ)."""
+    batch, shape, seed, step = 16, (3, 64, 64), 99, 4
+    words = rng.philox_words(seed, torch.arange(batch), step, rng.STREAM_REVERSE, math.prod(shape))
+    u = rng.uint_to_uniform(words).double()
+    r = torch.sqrt(-2 * torch.log(torch.clamp(u[:, 0::2], min=torch.tensor(1e-7).item())))
+    theta = 2 * math.pi * u[:, 1::2]
+    pairs = torch.stack([r * torch.cos(theta), r * torch.sin(theta)], dim=2)  # [B, 2, 2, Q]: (n0, n1), (n2, n3)
+    exact = pairs.reshape(batch, 4, -1).reshape(batch, -1)[:, : math.prod(shape)].reshape(batch, *shape)
+    native = native_normal(batch, shape, seed, 0, step, rng.STREAM_REVERSE).double()
+    assert (native - exact).abs().max().item() < 1e-6
+
+
+@native
+def test_every_cpu_level_draws_the_same_normals():
+    """The AVX-512, AVX2 and portable versions (FASTDDPM_CPU_LEVEL caps the one picked) agree
+    bit for bit, on sizes that end inside a vector."""
+    script = (
+        "import sys, torch; from fastddpm import _native\n"
+        "out = torch.empty(3, 4 * 1024 + 7)\n"
+        "_native.normal(out.data_ptr(), 3, out.shape[1], 2**64 - 5, 11, 6, 2)\n"
+        "sys.stdout.write(out.numpy().tobytes().hex())\n"
+    )
+    results = {}
+    for level in ("4", "3", "0"):
+        env = {**os.environ, "FASTDDPM_CPU_LEVEL": level}
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        results[level] = done.stdout
+    assert results["4"] == results["3"] == results["0"] and len(results["0"]) == 2 * 4 * 3 * (4 * 1024 + 7)
+    expected = rng.normal(2**64 - 5, 11 + torch.arange(3), 6, 2, (4 * 1024 + 7,))
+    assert_close(torch.frombuffer(bytearray.fromhex(results["0"]), dtype=torch.float32).view(3, -1), expected,
+                 rtol=0, atol=1e-5)
 
 
 # ---- reverse_step, q_sample --------------------------------------------------------------------

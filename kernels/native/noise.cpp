@@ -2,20 +2,19 @@
 // vectorized for the CPU it runs on. Blocks of kBlock groups go through two branch-free passes
 // in L1: Philox's words (integer multiplies), then Box–Muller (float, vmath.h).
 //
-// Measured on one Zen 4 core, ns per group (4 normals), Philox + Box–Muller = together, before
-// vmath.h's fused multiply-adds (7% off the whole):
-//   baseline SSE2 (portable)      4.74 + 7.48 = 13.1
-//   AVX2 (x86-64-v3)              1.48 + 3.19 =  4.6
-//   AVX-512 (x86-64-v4)           1.21 + 2.23 =  3.4
-// Philox needs the high and low words of 32 × 32 → 64-bit products, which GCC 12 vectorizes
-// from the scalar definition as 64-bit lanes (vpmovzxdq, vpmullq, packing back; without vpmullq,
-// at AVX2, three vpmuludq per product): 2.50 ns at AVX-512 and 4.54 at AVX2. So Philox is
-// written with intrinsics below, vpmuludq on the even and odd lanes. Box–Muller needs nothing
-// the autovectorizer lacks: it stays the scalar definition in an `omp simd` loop, inlined into
-// each version and compiled for its level. Every version computes the same float operations in
-// the same order (no FMA contraction), so the normals are bit-identical on every CPU.
+// Measured on one Zen 4 core (2026-11-24), ns per group (4 normals), Philox + Box–Muller:
+//   AVX-512 (x86-64-v4)   1.28 + 1.28 = 2.6   (Cephes logf and a float θ before: 1.28 + 1.76)
+// The portable version is philox.h's scalar definition in `omp simd` loops. Its Philox needs
+// the high and low words of 32 × 32 → 64-bit products, which GCC 12 vectorizes as 64-bit lanes
+// (2.50 ns at AVX-512, 4.54 at AVX2), and its Box–Muller's table lookups become scalar loads; so
+// x86 CPUs with AVX2 or AVX-512 run noise_simd.inc instead: vpmuludq on the even and odd lanes,
+// vpermps for the table. Every version computes the same float operations in the same order
+// (no FMA contraction), so the normals are bit-identical on every CPU (tests/test_native.py
+// caps the level with FASTDDPM_CPU_LEVEL and compares).
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #include "philox.h"
 #include "simd.h"
@@ -28,6 +27,7 @@ namespace fastddpm {
 namespace {
 
 constexpr int64_t kBlock = 256;  // groups per pass: 4 KiB of words, in L1 with their normals
+constexpr int kVectors = 4;      // independent Philox vectors in flight (noise_simd.inc)
 
 // The Philox words of up to kBlock groups, by output: w[j][i] is word j of group g0 + i.
 struct WordBlock {
@@ -40,174 +40,114 @@ struct Counter {
   uint64_t seed;
 };
 
-// Portable: the definition, group by group, in a loop the compiler vectorizes as it can.
-FASTDDPM_INLINE void philox_words_portable(const Counter& c, int64_t count, WordBlock& out) {
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) {
-    const Words w = philox4x32_10(c.g0 + static_cast<uint32_t>(i), c.sample, c.step, c.stream, c.seed);
-    out.w[0][i] = w.w0;
-    out.w[1][i] = w.w1;
-    out.w[2][i] = w.w2;
-    out.w[3][i] = w.w3;
-  }
-}
+// Portable: the definition, group by group, in loops the compiler vectorizes as it can.
+namespace portable {
 
-// Box–Muller of a block: normals z[j][at + i] from the words of group i, pairs (0, 1), (2, 3).
-FASTDDPM_INLINE void box_muller_block(const WordBlock& in, int64_t count, float* const z[4], int64_t at) {
-  float *z0 = z[0] + at, *z1 = z[1] + at, *z2 = z[2] + at, *z3 = z[3] + at;
-#pragma omp simd
-  for (int64_t i = 0; i < count; ++i) {
-    box_muller(uint_to_uniform(in.w[0][i]), uint_to_uniform(in.w[1][i]), z0[i], z1[i]);
-    box_muller(uint_to_uniform(in.w[2][i]), uint_to_uniform(in.w[3][i]), z2[i], z3[i]);
-  }
-}
-
-#if FASTDDPM_X86_MULTIVERSION
-
-// Philox4x32-10 on kVectors × kLanes groups at once; words of groups past `count` (up to the next
-// multiple of kVectors · kLanes, within the block) are computed and not read. Independent vectors
-// hide the multiply latency: per group, AVX-512 1.54 / 1.32 / 1.22 ns and AVX2 2.26 / 1.70 /
-// 1.49 ns with 1 / 2 / 4 vectors. One group per 64-bit lane instead (vpmuludq gives the whole
-// product, 4 multiplies per 16 groups and round instead of 6) measured no faster.
-constexpr int kVectors = 4;
-static_assert(kBlock % (kVectors * 16) == 0, "blocks hold whole AVX-512 steps");
-
-// AVX-512: (high, low) words of the 64-bit products c · m of 16 uint32 lanes.
-FASTDDPM_TARGET_V4 inline void mul_hi_lo(__m512i c, __m512i m, __m512i& hi, __m512i& lo) {
-  const __m512i even = _mm512_mul_epu32(c, m);                        // products of lanes 0, 2, …
-  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);  // products of lanes 1, 3, …
-  hi = _mm512_mask_mov_epi32(_mm512_srli_epi64(even, 32), 0xAAAA, odd);
-  // vpmulld, not the low halves of even and odd merged (2 ops): 3.53 vs 3.70 ns per normal group
-  lo = _mm512_mullo_epi32(c, m);
-}
-
-FASTDDPM_TARGET_V4 void philox_words_v4(const Counter& c, int64_t count, WordBlock& out) {
-  constexpr int kLanes = 16;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  const __m512i mul_a = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m512i mul_b = _mm512_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  for (int64_t i = 0; i < count; i += kVectors * kLanes) {
-    __m512i x0[kVectors], x1[kVectors], x2[kVectors], x3[kVectors];
-    for (int v = 0; v < kVectors; ++v) {
-      x0[v] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c.g0 + i + v * kLanes)), lane);
-      x1[v] = _mm512_set1_epi32(static_cast<int>(c.sample));
-      x2[v] = _mm512_set1_epi32(static_cast<int>(c.step));
-      x3[v] = _mm512_set1_epi32(static_cast<int>(c.stream));
-    }
-    uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      const __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
-#pragma GCC unroll 4
-      for (int v = 0; v < kVectors; ++v) {
-        __m512i hi_a, lo_a, hi_b, lo_b;
-        mul_hi_lo(x0[v], mul_a, hi_a, lo_a);
-        mul_hi_lo(x2[v], mul_b, hi_b, lo_b);
-        x0[v] = _mm512_ternarylogic_epi32(hi_b, x1[v], key0, 0x96);  // hi_b ^ c1 ^ k0
-        x2[v] = _mm512_ternarylogic_epi32(hi_a, x3[v], key1, 0x96);  // hi_a ^ c3 ^ k1
-        x1[v] = lo_b;
-        x3[v] = lo_a;
-      }
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
-    for (int v = 0; v < kVectors; ++v) {
-      const int64_t at = i + v * kLanes;
-      _mm512_store_si512(out.w[0] + at, x0[v]);
-      _mm512_store_si512(out.w[1] + at, x1[v]);
-      _mm512_store_si512(out.w[2] + at, x2[v]);
-      _mm512_store_si512(out.w[3] + at, x3[v]);
-    }
-  }
-}
-
-// AVX2: the same on 8 lanes.
-FASTDDPM_TARGET_V3 inline void mul_hi_lo(__m256i c, __m256i m, __m256i& hi, __m256i& lo) {
-  const __m256i even = _mm256_mul_epu32(c, m);
-  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
-  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = _mm256_mullo_epi32(c, m);
-}
-
-FASTDDPM_TARGET_V3 void philox_words_v3(const Counter& c, int64_t count, WordBlock& out) {
-  constexpr int kLanes = 8;
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i mul_a = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundA));
-  const __m256i mul_b = _mm256_set1_epi32(static_cast<int>(kPhiloxRoundB));
-  for (int64_t i = 0; i < count; i += kVectors * kLanes) {
-    __m256i x0[kVectors], x1[kVectors], x2[kVectors], x3[kVectors];
-    for (int v = 0; v < kVectors; ++v) {
-      x0[v] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<int>(c.g0 + i + v * kLanes)), lane);
-      x1[v] = _mm256_set1_epi32(static_cast<int>(c.sample));
-      x2[v] = _mm256_set1_epi32(static_cast<int>(c.step));
-      x3[v] = _mm256_set1_epi32(static_cast<int>(c.stream));
-    }
-    uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
-#pragma GCC unroll 10
-    for (int round = 0; round < 10; ++round) {
-      const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
-#pragma GCC unroll 4
-      for (int v = 0; v < kVectors; ++v) {
-        __m256i hi_a, lo_a, hi_b, lo_b;
-        mul_hi_lo(x0[v], mul_a, hi_a, lo_a);
-        mul_hi_lo(x2[v], mul_b, hi_b, lo_b);
-        x0[v] = _mm256_xor_si256(_mm256_xor_si256(hi_b, x1[v]), key0);
-        x2[v] = _mm256_xor_si256(_mm256_xor_si256(hi_a, x3[v]), key1);
-        x1[v] = lo_b;
-        x3[v] = lo_a;
-      }
-      k0 += kPhiloxKeyA;
-      k1 += kPhiloxKeyB;
-    }
-    for (int v = 0; v < kVectors; ++v) {
-      const int64_t at = i + v * kLanes;
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[0] + at), x0[v]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[1] + at), x1[v]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[2] + at), x2[v]);
-      _mm256_store_si256(reinterpret_cast<__m256i*>(out.w[3] + at), x3[v]);
-    }
-  }
-}
-
-#endif  // FASTDDPM_X86_MULTIVERSION
-
-// Philox then Box–Muller, block by block; always inlined, so each version below compiles the
-// Box–Muller loop for its own level.
-template <void (*PhiloxWords)(const Counter&, int64_t, WordBlock&)>
-FASTDDPM_INLINE void normal_blocks(const Counter& c, int64_t count, float* const z[4]) {
+void normal_groups(const Counter& c, int64_t count, float* const z[4]) {
   WordBlock words;
   for (int64_t at = 0; at < count; at += kBlock) {
     const int64_t n = std::min(kBlock, count - at);
-    PhiloxWords(Counter{c.g0 + static_cast<uint32_t>(at), c.sample, c.step, c.stream, c.seed}, n, words);
-    box_muller_block(words, n, z, at);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      const Words w = philox4x32_10(c.g0 + static_cast<uint32_t>(at + i), c.sample, c.step, c.stream, c.seed);
+      words.w[0][i] = w.w0;
+      words.w[1][i] = w.w1;
+      words.w[2][i] = w.w2;
+      words.w[3][i] = w.w3;
+    }
+    float *z0 = z[0] + at, *z1 = z[1] + at, *z2 = z[2] + at, *z3 = z[3] + at;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) {
+      box_muller(words.w[0][i], words.w[1][i], z0[i], z1[i]);
+      box_muller(words.w[2][i], words.w[3][i], z2[i], z3[i]);
+    }
   }
 }
 
-void normal_groups_portable(const Counter& c, int64_t count, float* const z[4]) {
-  normal_blocks<philox_words_portable>(c, count, z);
-}
+}  // namespace portable
 
 #if FASTDDPM_X86_MULTIVERSION
-FASTDDPM_TARGET_V4 void normal_groups_v4(const Counter& c, int64_t count, float* const z[4]) {
-  normal_blocks<philox_words_v4>(c, count, z);
+
+// The levels' instruction sets (x86-64-v4, x86-64-v3), added to the build's: an "arch=" would
+// also drop what a -march=native build has beyond the level, and the intrinsics would not inline.
+#pragma GCC push_options
+#pragma GCC target("avx2,bmi,bmi2,f16c,fma,lzcnt,movbe,popcnt,avx512f,avx512bw,avx512cd,avx512dq,avx512vl")
+namespace avx512 {
+
+constexpr int kLanes = 16;
+typedef float F __attribute__((vector_size(64)));
+typedef int32_t I __attribute__((vector_size(64)));
+typedef uint32_t U __attribute__((vector_size(64)));
+typedef F Table16;  // the whole table in one register
+
+FASTDDPM_INLINE F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+FASTDDPM_INLINE F sqrt(F a) { return _mm512_sqrt_ps(a); }
+FASTDDPM_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
+FASTDDPM_INLINE Table16 table16(const float* t) { return _mm512_loadu_ps(t); }
+FASTDDPM_INLINE F lookup(Table16 t, I index) { return _mm512_permutexvar_ps((__m512i)index, t); }  // index mod 16
+
+// (high, low) words of the 64-bit products c · m: vpmuludq on the even lanes and on the odd
+// lanes shifted down; the low words by vpmulld (3.53 vs 3.70 ns per group merging the halves).
+FASTDDPM_INLINE void mul_hi_lo(U c, uint32_t m, U& hi, U& lo) {
+  const __m512i cv = (__m512i)c, mv = _mm512_set1_epi32(static_cast<int>(m));
+  const __m512i even = _mm512_mul_epu32(cv, mv), odd = _mm512_mul_epu32(_mm512_srli_epi64(cv, 32), mv);
+  hi = (U)_mm512_mask_mov_epi32(_mm512_srli_epi64(even, 32), 0xAAAA, odd);
+  lo = (U)_mm512_mullo_epi32(cv, mv);
 }
 
-FASTDDPM_TARGET_V3 void normal_groups_v3(const Counter& c, int64_t count, float* const z[4]) {
-  normal_blocks<philox_words_v3>(c, count, z);
+#include "noise_simd.inc"
+
+}  // namespace avx512
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,bmi,bmi2,f16c,fma,lzcnt,movbe,popcnt")
+namespace avx2 {
+
+constexpr int kLanes = 8;
+typedef float F __attribute__((vector_size(32)));
+typedef int32_t I __attribute__((vector_size(32)));
+typedef uint32_t U __attribute__((vector_size(32)));
+struct Table16 {
+  F low, high;  // entries 0–7 and 8–15
+};
+
+FASTDDPM_INLINE F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+FASTDDPM_INLINE F sqrt(F a) { return _mm256_sqrt_ps(a); }
+FASTDDPM_INLINE F max(F a, F b) { return _mm256_max_ps(a, b); }
+FASTDDPM_INLINE Table16 table16(const float* t) { return {_mm256_loadu_ps(t), _mm256_loadu_ps(t + 8)}; }
+// vpermps on each half (index mod 8), then bit 3 of the index, moved to the sign bit, picks one
+FASTDDPM_INLINE F lookup(const Table16& t, I index) {
+  const __m256i i = (__m256i)index;
+  return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.low, i), _mm256_permutevar8x32_ps(t.high, i), (__m256)(index << 28));
 }
-#endif
+
+FASTDDPM_INLINE void mul_hi_lo(U c, uint32_t m, U& hi, U& lo) {
+  const __m256i cv = (__m256i)c, mv = _mm256_set1_epi32(static_cast<int>(m));
+  const __m256i even = _mm256_mul_epu32(cv, mv), odd = _mm256_mul_epu32(_mm256_srli_epi64(cv, 32), mv);
+  hi = (U)_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = (U)_mm256_mullo_epi32(cv, mv);
+}
+
+#include "noise_simd.inc"
+
+}  // namespace avx2
+#pragma GCC pop_options
+
+#endif  // FASTDDPM_X86_MULTIVERSION
 
 using NormalGroups = void (*)(const Counter&, int64_t, float* const[4]);
 
+// The highest level the CPU supports, capped by FASTDDPM_CPU_LEVEL (0, 3 or 4) where set: the
+// tests run every version on one machine this way.
 NormalGroups pick_normal_groups() {
+  int level = cpu_level();
+  if (const char* cap = std::getenv("FASTDDPM_CPU_LEVEL")) level = std::min(level, std::atoi(cap));
 #if FASTDDPM_X86_MULTIVERSION
-  switch (cpu_level()) {
-    case kX86V4: return normal_groups_v4;
-    case kX86V3: return normal_groups_v3;
-    default: break;
-  }
+  if (level >= kX86V4) return avx512::normal_groups;
+  if (level >= kX86V3) return avx2::normal_groups;
 #endif
-  return normal_groups_portable;
+  return portable::normal_groups;
 }
 
 const NormalGroups kNormalGroups = pick_normal_groups();  // once, when the module loads

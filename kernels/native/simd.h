@@ -6,8 +6,8 @@
 //  * FASTDDPM_CLONES on a hot loop function: GCC compiles it three times (x86-64-v4:
 //    AVX-512F/BW/CD/DQ/VL; x86-64-v3: AVX2/FMA; baseline) and picks one at load time (ifunc).
 //    The helpers it calls (vmath.h, philox.h, dtype.h: FASTDDPM_INLINE) inline into each clone.
-//  * FASTDDPM_TARGET_V4 / _V3 on a function written with intrinsics (Philox's multiplies,
-//    noise.cpp), picked at run time by `cpu_level()`.
+//  * noise.cpp's `#pragma GCC target` sections (noise_simd.inc on vector types and intrinsics)
+//    for the same two levels, picked at run time by `cpu_level()`.
 //
 // -ffp-contract=off (setup.py) holds in every clone: v3/v4 have FMA instructions, but no
 // a·b + c is contracted into one, so every clone rounds as the reference does, op by op.
@@ -23,12 +23,6 @@
     defined(__GLIBC__)
 #define FASTDDPM_X86_MULTIVERSION 1
 #define FASTDDPM_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-// The levels' instruction sets, added to the build's (an "arch=" here would also drop what a
-// -march=native build has beyond the level, and the intrinsics would then not inline).
-#define FASTDDPM_ISA_V3 "avx2,bmi,bmi2,f16c,fma,lzcnt,movbe,popcnt"
-#define FASTDDPM_ISA_V4 FASTDDPM_ISA_V3 ",avx512f,avx512bw,avx512cd,avx512dq,avx512vl"
-#define FASTDDPM_TARGET_V4 __attribute__((target(FASTDDPM_ISA_V4)))
-#define FASTDDPM_TARGET_V3 __attribute__((target(FASTDDPM_ISA_V3)))
 #else
 #define FASTDDPM_X86_MULTIVERSION 0
 #define FASTDDPM_CLONES
