@@ -74,8 +74,8 @@ class ReferenceOps:
 
 
 def _check(op: str, images: dict, t: Tensor, table: Tensor, model_out: Tensor | None = None,
-           learned: bool = False) -> None:
-    """Clear errors naming the argument: types, dtypes, devices, shapes, t's range."""
+           learned: bool = False, t_range: bool = True) -> None:
+    """Clear errors naming the argument: types, dtypes, devices, shapes, and (``t_range``) t's range."""
     (first_name, first), *_ = images.items()
     device = first.device
     for name, x in images.items():
@@ -99,10 +99,10 @@ def _check(op: str, images: dict, t: Tensor, table: Tensor, model_out: Tensor | 
     if t.dtype != torch.int64 or t.shape != (first.shape[0],) or t.device != device:
         raise ValueError(f"fastddpm.{op}: t must be an int64 tensor of shape ({first.shape[0]},) on {device}, "
                          f"got {t.dtype} {tuple(t.shape)} on {t.device}")
-    # t's range needs its values: checked where they are on the host (not while tracing); on a
-    # GPU that would sync every step, so there GaussianDiffusion's public methods check t instead.
-    on_host = t.device.type == "cpu" and not is_fake(t)
-    if t.numel() and on_host:
+    # t's range needs its values: checked here where they are on the host (not while tracing);
+    # the native kernels check it themselves, and on a GPU it would sync every step, so there
+    # GaussianDiffusion's public methods check t instead.
+    if t_range and t.numel() and t.device.type == "cpu" and not is_fake(t):
         low, high = torch.aminmax(t)
         if not (0 <= int(low) and int(high) < table.shape[1]):
             raise ValueError(f"fastddpm.{op}: t out of range: values must lie in [0, {table.shape[1] - 1}]")
@@ -115,15 +115,20 @@ def _noise_images(x: Tensor, noise: Tensor | None, name: str = "x") -> dict:
 # ---- the kernels: native on the CPU, Triton on CUDA ---------------------------------------
 
 
-def _on_kernel(kernel, check, fallback):
-    """An operator implementation: the checks, then ``kernel`` (float32 data) or ``fallback`` (float64)."""
+def _on_kernel(name: str, kernel, check, fallback, floats: tuple[int, ...]):
+    """An operator implementation: the checks, then ``kernel`` on float32 data, or ``fallback``
+    where one of the float arguments (positions ``floats``) is float64. t's range is the
+    kernel's to check (native: in C++; Triton: GaussianDiffusion's methods)."""
 
     @functools.wraps(fallback)  # the operator's signature, from which torch infers its schema
     def run(*args):
-        if any(isinstance(a, Tensor) and a.dtype == torch.float64 for a in args):
+        if any(args[i] is not None and args[i].dtype == torch.float64 for i in floats):
             return fallback(*args)
-        check(*args)
-        return kernel(*args)
+        check(*args, t_range=False)
+        try:
+            return kernel(*args)
+        except ValueError as err:  # the native kernel's own checks
+            raise ValueError(f"fastddpm.{name}: {err}") from None
 
     return run
 
@@ -164,28 +169,29 @@ def _check_options(op: str, prediction: str, variance: str | None = None) -> Non
         raise ValueError(f"fastddpm.{op}: unknown variance {variance!r}; expected one of {reference.VARIANCES}")
 
 
-def _check_q_sample(x0, t, table, noise, key) -> None:
-    _check("q_sample", _noise_images(x0, noise, "x0"), t, table)
+def _check_q_sample(x0, t, table, noise, key, t_range=True) -> None:
+    _check("q_sample", _noise_images(x0, noise, "x0"), t, table, t_range=t_range)
     _check_key("q_sample", key, x0)
 
 
-def _check_reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, clip_denoised, eta) -> None:
+def _check_reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, clip_denoised, eta,
+                        t_range=True) -> None:
     _check_options("reverse_step", prediction, variance)
-    _check("reverse_step", _noise_images(x_t, noise, "x_t"), t, table, model_out, variance == "learned_range")
+    _check("reverse_step", _noise_images(x_t, noise, "x_t"), t, table, model_out, variance == "learned_range", t_range)
     _check_key("reverse_step", key, x_t)
     if eta is not None and not 0.0 <= eta <= 1.0:
         raise ValueError(f"fastddpm.reverse_step: eta must lie in [0, 1], got {eta}")
 
 
-def _check_eps_loss(pred, x0, t, table, noise, key, prediction) -> None:
+def _check_eps_loss(pred, x0, t, table, noise, key, prediction, t_range=True) -> None:
     _check_options("eps_loss", prediction)
-    _check("eps_loss", _noise_images(x0, noise, "x0"), t, table, pred)
+    _check("eps_loss", _noise_images(x0, noise, "x0"), t, table, pred, t_range=t_range)
     _check_key("eps_loss", key, x0)
 
 
-def _check_vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels) -> None:
+def _check_vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels, t_range=True) -> None:
     _check_options("vlb_terms", prediction, variance)
-    _check("vlb_terms", {"x0": x0, "x_t": x_t}, t, table, model_out, variance == "learned_range")
+    _check("vlb_terms", {"x0": x0, "x_t": x_t}, t, table, model_out, variance == "learned_range", t_range)
     if levels < 2:
         raise ValueError(f"fastddpm.vlb_terms: levels must be >= 2, got {levels}")
 
@@ -239,22 +245,23 @@ def _vlb_terms_math(model_out, x0, x_t, t, table, prediction, variance, clip_den
 _LIBRARY = None if triton_kernels is not None else torch.library.Library("fastddpm", "DEF")
 
 
-def _define(name: str, impl, check, output):
+def _define(name: str, impl, check, output, floats: tuple[int, ...]):
     """The operator ``fastddpm::name``: with Triton, a `triton_op` whose CUDA implementation the
     compiler can trace into (the checks, then the launcher of kernels/triton); else an operator
     defined directly in a `torch.library.Library` — the reference for every device, the native
     kernel for the CPU, and a fake that runs ``check`` and makes ``output``. (The direct definition
-    skips custom_op's Python wrappers: 145 → 128 µs for a 64×3×32×32 CPU reverse step.)"""
-    cpu = impl if native_kernels is None else _on_kernel(getattr(native_kernels, name), check, impl)
+    skips custom_op's Python wrappers: 145 → 128 µs for a 64×3×32×32 CPU reverse step.) ``floats``:
+    the positions of the float tensor arguments (float64 runs on the reference)."""
+    cpu = impl if native_kernels is None else _on_kernel(name, getattr(native_kernels, name), check, impl, floats)
     if triton_kernels is not None:
         op = torch.library.triton_op(
-            f"fastddpm::{name}", _on_kernel(getattr(triton_kernels, name), check, impl), mutates_args=()
+            f"fastddpm::{name}", _on_kernel(name, getattr(triton_kernels, name), check, impl, floats), mutates_args=()
         )
         op.register_kernel("cpu")(cpu)
         return op
 
     def fake(*args):
-        check(*args)
+        check(*args, t_range=False)  # no values to check
         return output(*args)
 
     _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=()))
@@ -276,10 +283,10 @@ def _per_sample_and_gradient(pred: Tensor, x0: Tensor, *args) -> tuple[Tensor, T
     return _per_sample(pred), torch.empty_like(x0, memory_format=torch.contiguous_format)
 
 
-q_sample_op = _define("q_sample", _q_sample_ref, _check_q_sample, _like_first)
-reverse_step_op = _define("reverse_step", _reverse_step_ref, _check_reverse_step, _like_first)
-eps_loss_op = _define("eps_loss", _eps_loss_ref, _check_eps_loss, _per_sample_and_gradient)
-vlb_terms_op = _define("vlb_terms", _vlb_terms_ref, _check_vlb_terms, _per_sample)
+q_sample_op = _define("q_sample", _q_sample_ref, _check_q_sample, _like_first, floats=(0, 3))
+reverse_step_op = _define("reverse_step", _reverse_step_ref, _check_reverse_step, _like_first, floats=(0, 1, 4))
+eps_loss_op = _define("eps_loss", _eps_loss_ref, _check_eps_loss, _per_sample_and_gradient, floats=(0, 1, 4))
+vlb_terms_op = _define("vlb_terms", _vlb_terms_ref, _check_vlb_terms, _per_sample, floats=(0, 1, 2))
 
 
 # ---- autograd -------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ inline void check_pointer(const void* p, const char* name) {
 inline void check_timesteps(const int64_t* t, int64_t B, int64_t T) {
   require(T >= 1, "T must be >= 1, got " + std::to_string(T));
   for (int64_t b = 0; b < B; ++b) {
-    require(t[b] >= 0 && t[b] < T,
-            "t[" + std::to_string(b) + "] = " + std::to_string(t[b]) + " is outside [0, " + std::to_string(T) + ")");
+    require(t[b] >= 0 && t[b] < T, "t out of range: t[" + std::to_string(b) + "] = " + std::to_string(t[b]) +
+                                       ", values must lie in [0, " + std::to_string(T - 1) + "]");
   }
 }
 
