@@ -81,32 +81,42 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, device: torch.device, repeats: int, min_seconds: float = 0.05) -> list[float]:
-    """Seconds per call of ``fn``, one figure per repeat, after a warm-up. Each repeat runs
-    enough calls to last ``min_seconds`` (timer resolution and launch jitter average out);
-    on CUDA, events bracket the calls."""
-    fn()
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    calls = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-7)))
-    times = []
+def time_calls(fns: dict, device: torch.device, repeats: int, min_seconds: float = 0.05) -> dict:
+    """Seconds per call of each function in ``fns`` (name → fn), one figure per repeat, after a
+    warm-up. Each repeat runs enough calls of a function to last ``min_seconds`` (timer
+    resolution and launch jitter average out), and the functions take turns within every repeat,
+    so a slower or faster spell of a shared machine falls on all of them alike (the ratio of two
+    rows is what a speedup claim compares). On CUDA, events bracket the calls."""
+    calls = {}
+    for name, fn in fns.items():
+        fn()
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        calls[name] = max(1, int(min_seconds / max(time.perf_counter() - start, 1e-7)))
+    times = {name: [] for name in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(begin.elapsed_time(end) / 1e3 / calls)
-        else:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            times.append((time.perf_counter() - t0) / calls)
+        for name, fn in fns.items():
+            if device.type == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                for _ in range(calls[name]):
+                    fn()
+                end.record()
+                end.synchronize()
+                times[name].append(begin.elapsed_time(end) / 1e3 / calls[name])
+            else:
+                t0 = time.perf_counter()
+                for _ in range(calls[name]):
+                    fn()
+                times[name].append((time.perf_counter() - t0) / calls[name])
     return times
+
+
+def time_call(fn, device: torch.device, repeats: int, min_seconds: float = 0.05) -> list[float]:
+    """`time_calls` of one function."""
+    return time_calls({"": fn}, device, repeats, min_seconds)[""]
 
 
 def quantiles(times: list[float]) -> tuple[float, float, float]:

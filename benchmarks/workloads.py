@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from fastddpm import GaussianDiffusion, NoiseSchedule, UNet, ops, reference
 from fastddpm.sampler import Sampler
 
-from .harness import Floors, Row, make_row, time_call
+from .harness import Floors, Row, make_row, time_call, time_calls
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -73,6 +73,9 @@ def _inputs(ctx: Context, shape, seed=0):
 
 
 def reverse_step(ctx: Context) -> list[Row]:
+    """One reverse step at each size: the operator (in-kernel or given noise), on the CPU also the
+    native launcher without the operator's dispatch, the eager reference, and diffusers'
+    DDPMScheduler.step, timed in turns (`time_calls`)."""
     rows = []
     coef = NoiseSchedule.linear(1000).coefficients(ctx.device)
     diffusers = _diffusers()
@@ -85,29 +88,25 @@ def reverse_step(ctx: Context) -> list[Row]:
         for dname, dtype in DTYPES.items():
             out = out32.to(dtype)
             model_bytes = B * N * out.element_size()
+            calls = {}  # (provider, mode) → (fn, bytes moved)
             for mode, noise, extra in (("noise=in-kernel", None, 0), ("noise=given", z, 4 * B * N)):
-                times = time_call(lambda: ops.reverse_step_op(x, out, t, coef.table, noise, key, "eps", "fixed_small",
-                                                              True, None), ctx.device, ctx.repeats)
-                rows.append(ctx.row("reverse_step", "fused", mode, _size(shape), dname, times,
-                                    nbytes=8 * B * N + model_bytes + extra))
+                calls["fused", mode] = (lambda noise=noise: ops.reverse_step_op(
+                    x, out, t, coef.table, noise, key, "eps", "fixed_small", True, None), 8 * B * N + model_bytes + extra)
             if not ctx.cuda and ops.native_kernels is not None:  # the kernel without the operator's dispatch
-                times = time_call(lambda: ops.native_kernels.reverse_step(x, out, t, coef.table, None, key, "eps",
-                                                                          "fixed_small", True, None),
-                                  ctx.device, ctx.repeats)
-                rows.append(ctx.row("reverse_step", "fused", "native launcher, noise=in-kernel", _size(shape), dname,
-                                    times, nbytes=8 * B * N + model_bytes))
-            times = time_call(lambda: reference.reverse_step(x, out.float(), t, torch.randn_like(x), coef, **options),
-                              ctx.device, ctx.repeats)
-            rows.append(ctx.row("reverse_step", "eager", "noise=randn", _size(shape), dname, times,
-                                nbytes=8 * B * N + model_bytes))
+                calls["fused", "native launcher, noise=in-kernel"] = (lambda: ops.native_kernels.reverse_step(
+                    x, out, t, coef.table, None, key, "eps", "fixed_small", True, None), 8 * B * N + model_bytes)
+            calls["eager", "noise=randn"] = (lambda: reference.reverse_step(
+                x, out.float(), t, torch.randn_like(x), coef, **options), 8 * B * N + model_bytes)
             if diffusers is not None:
                 scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
                                                     variance_type="fixed_small", clip_sample=True)
                 g = torch.Generator(ctx.device).manual_seed(1)
-                times = time_call(lambda: scheduler.step(out, 500, x, generator=g).prev_sample, ctx.device,
-                                  ctx.repeats)
-                rows.append(ctx.row("reverse_step", "diffusers", "DDPMScheduler.step", _size(shape), dname, times,
-                                    nbytes=8 * B * N + model_bytes))
+                calls["diffusers", "DDPMScheduler.step"] = (
+                    lambda: scheduler.step(out, 500, x, generator=g).prev_sample, 8 * B * N + model_bytes)
+            times = time_calls({name: fn for name, (fn, _) in calls.items()}, ctx.device, ctx.repeats)
+            for (provider, mode), (_, nbytes) in calls.items():
+                rows.append(ctx.row("reverse_step", provider, mode, _size(shape), dname, times[provider, mode],
+                                    nbytes=nbytes))
     return rows
 
 
