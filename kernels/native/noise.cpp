@@ -3,14 +3,15 @@
 // in L1: Philox's words (integer multiplies), then Box–Muller (float, vmath.h).
 //
 // Measured on one Zen 4 core (2026-11-24), ns per group (4 normals), Philox + Box–Muller:
-//   AVX-512 (x86-64-v4)   1.28 + 1.28 = 2.6   (Cephes logf and a float θ before: 1.28 + 1.76)
+//   AVX-512 (x86-64-v4)   1.16 + 1.19 = 2.4   (2.97 with 32-bit Philox lanes, Cephes' logf, float θ)
+//   AVX2    (x86-64-v3)                 3.5
 // The portable version is philox.h's scalar definition in `omp simd` loops. Its Philox needs
 // the high and low words of 32 × 32 → 64-bit products, which GCC 12 vectorizes as 64-bit lanes
 // (2.50 ns at AVX-512, 4.54 at AVX2), and its Box–Muller's table lookups become scalar loads; so
-// x86 CPUs with AVX2 or AVX-512 run noise_simd.inc instead: vpmuludq on the even and odd lanes,
-// vpermps for the table. Every version computes the same float operations in the same order
-// (no FMA contraction), so the normals are bit-identical on every CPU (tests/test_native.py
-// caps the level with FASTDDPM_CPU_LEVEL and compares).
+// x86 CPUs with AVX2 or AVX-512 run noise_simd.inc instead: vpmuludq on 64-bit lanes, vpermps
+// for the table. Every version computes the same float operations in the same order (no FMA
+// contraction), so the normals are bit-identical on every CPU (tests/test_native.py caps the
+// level with FASTDDPM_CPU_LEVEL and compares).
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
@@ -86,13 +87,13 @@ FASTDDPM_INLINE F max(F a, F b) { return _mm512_max_ps(a, b); }
 FASTDDPM_INLINE Table16 table16(const float* t) { return _mm512_loadu_ps(t); }
 FASTDDPM_INLINE F lookup(Table16 t, I index) { return _mm512_permutexvar_ps((__m512i)index, t); }  // index mod 16
 
-// (high, low) words of the 64-bit products c · m: vpmuludq on the even lanes and on the odd
-// lanes shifted down; the low words by vpmulld (3.53 vs 3.70 ns per group merging the halves).
-FASTDDPM_INLINE void mul_hi_lo(U c, uint32_t m, U& hi, U& lo) {
-  const __m512i cv = (__m512i)c, mv = _mm512_set1_epi32(static_cast<int>(m));
-  const __m512i even = _mm512_mul_epu32(cv, mv), odd = _mm512_mul_epu32(_mm512_srli_epi64(cv, 32), mv);
-  hi = (U)_mm512_mask_mov_epi32(_mm512_srli_epi64(even, 32), 0xAAAA, odd);
-  lo = (U)_mm512_mullo_epi32(cv, mv);
+typedef uint64_t W __attribute__((vector_size(64)));
+// The 64-bit products of the low halves of c's lanes and m (vpmuludq).
+FASTDDPM_INLINE W mul_wide(W c, uint32_t m) { return (W)_mm512_mul_epu32((__m512i)c, _mm512_set1_epi64(m)); }
+// The low halves of a's lanes, then of b's (vpermt2d).
+FASTDDPM_INLINE U low_halves(W a, W b) {
+  const __m512i index = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  return (U)_mm512_permutex2var_epi32((__m512i)a, index, (__m512i)b);
 }
 
 #include "noise_simd.inc"
@@ -122,11 +123,12 @@ FASTDDPM_INLINE F lookup(const Table16& t, I index) {
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(t.low, i), _mm256_permutevar8x32_ps(t.high, i), (__m256)(index << 28));
 }
 
-FASTDDPM_INLINE void mul_hi_lo(U c, uint32_t m, U& hi, U& lo) {
-  const __m256i cv = (__m256i)c, mv = _mm256_set1_epi32(static_cast<int>(m));
-  const __m256i even = _mm256_mul_epu32(cv, mv), odd = _mm256_mul_epu32(_mm256_srli_epi64(cv, 32), mv);
-  hi = (U)_mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
-  lo = (U)_mm256_mullo_epi32(cv, mv);
+typedef uint64_t W __attribute__((vector_size(32)));
+FASTDDPM_INLINE W mul_wide(W c, uint32_t m) { return (W)_mm256_mul_epu32((__m256i)c, _mm256_set1_epi64x(m)); }
+// The low halves of a's lanes, then of b's: vshufps within 128-bit halves, then vpermq.
+FASTDDPM_INLINE U low_halves(W a, W b) {
+  const __m256 pairs = _mm256_shuffle_ps((__m256)a, (__m256)b, 0x88);  // a0 a1 b0 b1 | a2 a3 b2 b3
+  return (U)_mm256_permute4x64_epi64((__m256i)pairs, 0xD8);
 }
 
 #include "noise_simd.inc"
