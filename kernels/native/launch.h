@@ -12,7 +12,9 @@
 
 namespace fastddpm {
 
-constexpr int64_t kChunkGroups = 512;           // 4 × 512 floats of noise: 8 KiB, stays in L1
+// 4 × 1024 floats of noise: 16 KiB, in L1. A 3×32×32 sample is one chunk: its reverse step is
+// 4% faster than with 512 (two unequal chunks); 3×64×64 is the same either way (Zen 4).
+constexpr int64_t kChunkGroups = 1024;
 constexpr int64_t kParallelElements = 1 << 15;  // below this, threads cost more than they save
 
 struct Layout {
