@@ -14,23 +14,29 @@
 
 namespace fastddpm {
 
-inline void require(bool ok, const std::string& message) {
-  if (!ok) throw std::invalid_argument(message);
+// Throws message() where ok is false; the message is only built then (the checks run on every
+// call, t's once per sample).
+template <class Message>
+inline void require(bool ok, Message&& message) {
+  if (!ok) throw std::invalid_argument(message());
 }
 
 inline void check_sizes(int64_t B, int64_t N) {
-  require(B >= 0 && N >= 0, "B and N must be >= 0, got B=" + std::to_string(B) + ", N=" + std::to_string(N));
+  require(B >= 0 && N >= 0,
+          [&] { return "B and N must be >= 0, got B=" + std::to_string(B) + ", N=" + std::to_string(N); });
 }
 
 inline void check_pointer(const void* p, const char* name) {
-  require(p != nullptr, std::string(name) + " must not be a null pointer");
+  require(p != nullptr, [&] { return std::string(name) + " must not be a null pointer"; });
 }
 
 inline void check_timesteps(const int64_t* t, int64_t B, int64_t T) {
-  require(T >= 1, "T must be >= 1, got " + std::to_string(T));
+  require(T >= 1, [&] { return "T must be >= 1, got " + std::to_string(T); });
   for (int64_t b = 0; b < B; ++b) {
-    require(t[b] >= 0 && t[b] < T, "t out of range: t[" + std::to_string(b) + "] = " + std::to_string(t[b]) +
-                                       ", values must lie in [0, " + std::to_string(T - 1) + "]");
+    require(t[b] >= 0 && t[b] < T, [&] {
+      return "t out of range: t[" + std::to_string(b) + "] = " + std::to_string(t[b]) + ", values must lie in [0, " +
+             std::to_string(T - 1) + "]";
+    });
   }
 }
 
@@ -45,21 +51,25 @@ inline void check_inputs(std::initializer_list<std::pair<const void*, const char
 }
 
 inline void check_model(int dtype, int64_t batch_stride, int64_t N, bool learned) {
-  require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16,
-          "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype));
+  require(dtype == kFloat32 || dtype == kFloat16 || dtype == kBFloat16, [&] {
+    return "dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16), got " + std::to_string(dtype);
+  });
   const int64_t need = learned ? 2 * N : N;
-  require(batch_stride >= need, "model batch stride " + std::to_string(batch_stride) + " is smaller than " +
-                                    std::to_string(need) + (learned ? " (2N: learned_range)" : " (N)"));
+  require(batch_stride >= need, [&] {
+    return "model batch stride " + std::to_string(batch_stride) + " is smaller than " + std::to_string(need) +
+           (learned ? " (2N: learned_range)" : " (N)");
+  });
 }
 
 inline void check_prediction(int prediction) {
   require(prediction == kEps || prediction == kX0 || prediction == kV,
-          "prediction must be 0 (eps), 1 (x0) or 2 (v), got " + std::to_string(prediction));
+          [&] { return "prediction must be 0 (eps), 1 (x0) or 2 (v), got " + std::to_string(prediction); });
 }
 
 inline void check_variance(int variance) {
-  require(variance == kFixedSmall || variance == kFixedLarge || variance == kLearnedRange,
-          "variance must be 0 (fixed_small), 1 (fixed_large) or 2 (learned_range), got " + std::to_string(variance));
+  require(variance == kFixedSmall || variance == kFixedLarge || variance == kLearnedRange, [&] {
+    return "variance must be 0 (fixed_small), 1 (fixed_large) or 2 (learned_range), got " + std::to_string(variance);
+  });
 }
 
 // Calls f(std::integral_constant<int, v>) for the runtime value v in [0, 3): a template

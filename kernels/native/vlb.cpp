@@ -88,7 +88,7 @@ void vlb_terms(float* out, const void* model, int model_dtype, int64_t model_bat
   check_prediction(prediction);
   check_variance(variance);
   check_model(model_dtype, model_batch_stride, N, variance == kLearnedRange);
-  require(levels >= 2, "levels must be >= 2, got " + std::to_string(levels));
+  require(levels >= 2, [&] { return "levels must be >= 2, got " + std::to_string(levels); });
   if (B == 0) return;
   check_pointer(out, "out");
   if (N == 0) {
