@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from .harness import Floors, store
+from .harness import Floors, steady_allocator, store
 from .plot import plot
 from .table import markdown
 from .workloads import WORKLOADS, Context
@@ -24,6 +24,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("python -m benchmarks: error: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
+    if not steady_allocator():
+        print("note: not glibc; allocation page faults are left in the timings", file=sys.stderr)
     ctx = Context(device, args.quick, Floors(device, args.quick))
     print(f"copy bandwidth {ctx.floors.bandwidth / 1e9:.1f} GB/s, fp32 matmul peak "
           f"{ctx.floors.peak(torch.float32) / 1e9:.1f} GFLOP/s on {device}", file=sys.stderr)

@@ -76,7 +76,7 @@ class ReferenceOps:
 def _check(op: str, images: dict, t: Tensor, table: Tensor, model_out: Tensor | None = None,
            learned: bool = False, t_range: bool = True) -> None:
     """Clear errors naming the argument: types, dtypes, devices, shapes, and (``t_range``) t's range."""
-    (first_name, first), *_ = images.items()
+    first_name, first = next(iter(images.items()))
     device = first.device
     for name, x in images.items():
         if not isinstance(x, Tensor) or x.dtype not in (torch.float32, torch.float64):
@@ -122,8 +122,9 @@ def _on_kernel(name: str, kernel, check, fallback, floats: tuple[int, ...]):
 
     @functools.wraps(fallback)  # the operator's signature, from which torch infers its schema
     def run(*args):
-        if any(args[i] is not None and args[i].dtype == torch.float64 for i in floats):
-            return fallback(*args)
+        for i in floats:
+            if args[i] is not None and args[i].dtype == torch.float64:
+                return fallback(*args)
         check(*args, t_range=False)
         try:
             return kernel(*args)

@@ -49,3 +49,12 @@ def test_the_readme_table_is_generated_between_markers(tmp_path):
     unmarked.write_text("no markers here\n")
     with pytest.raises(SystemExit, match="has no <!-- benchmarks:begin -->"):
         table.write_readme(text, unmarked)
+
+
+def test_time_calls_takes_turns_and_times_every_function():
+    order = []
+    fns = {"a": lambda: order.append("a"), "b": lambda: order.append("b")}
+    times = harness.time_calls(fns, torch.device("cpu"), repeats=3, min_seconds=0.0)
+    assert set(times) == {"a", "b"} and all(len(v) == 3 and min(v) > 0 for v in times.values())
+    # after the warm-up and calibration calls (2 each), one call of each per repeat, in turns
+    assert order[4:] == ["a", "b"] * 3

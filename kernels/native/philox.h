@@ -7,7 +7,7 @@
 // read as int32, becomes u = (x < 0 ? −x − 1 : x) · 4.6566127342e-10f, and (u0, u1), (u2, u3)
 // go through Box–Muller with r = √(−2 ln max(u, 1e-7)), θ = 2π u'. Everything here is
 // branch-free so `normal_groups` vectorizes; the rounding of log/cos/sin is vmath.h's. The scalar
-// functions are the definition; noise.cpp vectorizes Philox with the same arithmetic.
+// functions are the definition; noise_simd.inc computes the same operations on vectors.
 #pragma once
 
 #include <cstdint>
