@@ -24,8 +24,10 @@ def markdown(rows: list[dict]) -> str:
     for device in sorted({r["device"] for r in rows}):
         mine = [r for r in rows if r["device"] == device]
         first = mine[0]
+        counts = {c: sum(r["commit"] == c for r in mine) for c in sorted({r["commit"] for r in mine})}
+        commits = ", ".join(f"{c} ({n} rows)" for c, n in counts.items()) if len(counts) > 1 else f"{first['commit']}"
         out.append(f"**{device}** — torch {first['torch']}, triton {first['triton']}, "
-                   f"commit {first['commit']}, {max(r['date'] for r in mine)}\n")
+                   f"commit {commits}, {max(r['date'] for r in mine)}\n")
         out.append("| workload | size | dtype | provider · mode | median | p20–p80 | % of floor |")
         out.append("| --- | --- | --- | --- | --- | --- | --- |")
         mine.sort(key=lambda r: (ORDER.index(r["workload"]) if r["workload"] in ORDER else 99, r["size"], r["dtype"],
