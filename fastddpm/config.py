@@ -60,6 +60,8 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.seed >= 2**64:
+            raise ValueError(f"seed must be below 2**64 (the noise contract's seeds are 64-bit), got {self.seed}")
         for name in ("lr", "grad_clip"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")

@@ -30,13 +30,14 @@ from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
 from . import reference, rng
+from .rng import noise_key
 from .schedule import Coefficients
 
 
 def _contract_noise(like: Tensor, key: Tensor, stream: int, step=None) -> Tensor:
     """The noise contract's normals for ``like`` at ``key`` = [seed, sample_base, step] (``step``
     overrides the key's: the reverse step's is each sample's t)."""
-    seed, sample_base, key_step = key.tolist()
+    seed, sample_base, key_step = rng.unpack_key(key)
     samples = sample_base + torch.arange(like.shape[0], device=like.device)
     step = key_step if step is None else step
     return rng.normal(seed, samples, step, stream, tuple(like.shape[1:])).to(device=like.device, dtype=like.dtype)
@@ -150,12 +151,7 @@ if torch.cuda.is_available():  # tracing a triton_op needs Triton's GPU driver
                       stacklevel=2)
 
 
-# ---- the noise key, and each operator's checks (shared by its implementations and its fake) ----
-
-
-def noise_key(seed: int, sample_base: int = 0, step: int = 0, device: torch.device | str = "cpu") -> Tensor:
-    """The ``key`` tensor of the operators: int64 [seed, sample_base, step] on ``device``."""
-    return torch.tensor([seed, sample_base, step], dtype=torch.int64, device=device)
+# ---- each operator's checks (shared by its implementations and its fake) ----
 
 
 def _check_key(op: str, key: Tensor, like: Tensor) -> None:

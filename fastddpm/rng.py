@@ -79,6 +79,23 @@ def _seed(seed: int) -> int:
     return seed
 
 
+def noise_key(seed: int, sample_base: int = 0, step: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The operators' ``key``: int64 [seed, sample_base, step] on ``device``. The seed's 64 bits
+    are stored as they are, so a seed of 2**63 or more reads as a negative int64 there
+    (`unpack_key` undoes it; the Triton kernels take the bits)."""
+    _seed(seed)
+    for name, value in (("sample_base", sample_base), ("step", step)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
+            raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
+    return torch.tensor([seed - 2**64 if seed >= 2**63 else seed, sample_base, step], dtype=torch.int64, device=device)
+
+
+def unpack_key(key: torch.Tensor) -> tuple[int, int, int]:
+    """(seed, sample_base, step) of a `noise_key` tensor, read on the host."""
+    seed, sample_base, step = key.tolist()
+    return seed % 2**64, sample_base, step
+
+
 def philox_words(seed: int, samples: torch.Tensor, step, stream: int, numel: int) -> torch.Tensor:
     """The raw Philox outputs [B, 4, Q] (uint32 values in int64) for ``numel`` elements per sample;
     ``step`` is one int or one per sample."""

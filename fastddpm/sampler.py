@@ -96,7 +96,7 @@ class Sampler:
         """Images ``start`` … ``start`` + n − 1 of ``seed``: float32 [n, C, H, W] on the CPU, in
         [−1, 1] when the diffusion clips x̂₀. Under `torch.distributed` every rank returns them all."""
         _check_int("n", n, 1)
-        _check_int("seed", seed, 0, 2**63)
+        _check_int("seed", seed, 0, 2**64)
         _check_int("start", start, 0)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         per_rank = -(-n // world)

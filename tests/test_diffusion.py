@@ -333,8 +333,12 @@ def test_seeded_noise_follows_the_contract(schedule):
     )
     z = rng.normal(11, samples, t, rng.STREAM_REVERSE, (3, 4, 4)).to(F64)  # the reverse step's step is t[b]
     torch.testing.assert_close(d.p_sample(model, x0, t, seed=11, sample_index=3), d.p_sample(model, x0, t, z), rtol=0, atol=0)
-    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
-        d.q_sample(x0, t, seed=-1)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*64\)"):
+            d.q_sample(x0, t, seed=bad)
+    top = rng.normal(2**64 - 1, samples, 42, rng.STREAM_TRAIN, (3, 4, 4)).to(F64)  # a seed past int64's range
+    torch.testing.assert_close(d.q_sample(x0, t, seed=2**64 - 1, sample_index=3, step=42), d.q_sample(x0, t, top),
+                               rtol=0, atol=0)
     with pytest.raises(ValueError, match="sample_index must be a non-negative integer"):
         d.q_sample(x0, t, seed=1, sample_index=-2)
 

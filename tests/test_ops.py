@@ -140,6 +140,25 @@ def test_training_step_compiles_with_inductor():
         torch.testing.assert_close(a, p.grad, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("seed", [2**63, 2**64 - 1])
+def test_a_64_bit_seed_survives_the_int64_key(coef, seed):
+    """Seeds of 2**63 and more are stored as negative int64 in the key; every backend reads the seed back."""
+    key = ops.noise_key(seed, 3, 9)
+    assert rng.unpack_key(key) == (seed, 3, 9)
+    x0, _, t = data()
+    eps = rng.normal(seed, 3 + torch.arange(B), 9, rng.STREAM_TRAIN, SHAPE)
+    expected = reference.q_sample(x0, t, eps, coef)
+    torch.testing.assert_close(ops.q_sample_op(x0, t, coef.table, None, key), expected, rtol=0, atol=1e-5)
+    assert torch.equal(ops.ReferenceOps.q_sample(x0, t, coef, None, key), expected)
+
+
+@pytest.mark.parametrize("args, match", [((-1,), "seed must be"), ((2**64,), "seed must be"), ((1.0,), "seed must be"),
+                                          ((0, -1), "sample_base must be"), ((0, 0, 2**63), "step must be")])
+def test_a_bad_key_names_the_coordinate(args, match):
+    with pytest.raises(ValueError, match=match):
+        ops.noise_key(*args)
+
+
 def test_bad_inputs_name_the_argument(coef):
     x, out, t = data()
     key = ops.noise_key(0)

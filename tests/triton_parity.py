@@ -214,9 +214,9 @@ def test_reverse_step_draws_the_contract_noise(coef, table, case):
         expected = reference.reverse_step(x, model_out, t, z, coef, **opts)
         out = reverse_step_mod.reverse_step(*dev(x, model_out, t), table, None, seed, base, **opts)
         close(out, expected, **TOL_NOISE)
-        if seed < 2**63:  # the same coordinates read by the kernel from a key tensor (its step is unused)
-            key = torch.tensor([seed, base, 12345], dtype=torch.int64, device=DEVICE)
-            assert torch.equal(reverse_step_mod.reverse_step(*dev(x, model_out, t), table, key=key, **opts), out)
+        # the same coordinates read by the kernel from a key tensor (its step is unused)
+        key = fastddpm_ops.noise_key(seed, base, 12345, DEVICE)
+        assert torch.equal(reverse_step_mod.reverse_step(*dev(x, model_out, t), table, key=key, **opts), out)
         # batch invariance: sample b alone (sample_base + b) gives the same bits as in the batch
         for b in (1, 4):
             alone = reverse_step_mod.reverse_step(*dev(x[b:b + 1], model_out[b:b + 1], t[b:b + 1]), table, None,
@@ -293,9 +293,8 @@ def test_q_sample_matches_reference(coef, table, batch):
         eps = rng.normal(seed, torch.arange(batch) + base, step, rng.STREAM_TRAIN, SHAPE)
         out = q_sample_mod.q_sample(*dev(x0, t), table, None, seed, base, step)
         close(out, reference.q_sample(x0, t, eps, coef), **TOL_NOISE)
-        if seed < 2**63:
-            key = torch.tensor([seed, base, step], dtype=torch.int64, device=DEVICE)
-            assert torch.equal(q_sample_mod.q_sample(*dev(x0, t), table, key=key), out)
+        key = fastddpm_ops.noise_key(seed, base, step, DEVICE)
+        assert torch.equal(q_sample_mod.q_sample(*dev(x0, t), table, key=key), out)
 
 
 # ---- eps_loss -------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastddpm import _native, reference
+from fastddpm import _native, reference, rng
 from fastddpm.schedule import Coefficients
 
 if tuple(_native.row_names()) != Coefficients.row_names():
@@ -45,7 +45,7 @@ def q_sample(x0, t, table, noise, key):
     out = torch.empty_like(x0)
     noise, noise_ptr = _noise_ptr(noise)
     T, B, N = _sizes(x0, table)
-    seed, sample_base, step = key.tolist()
+    seed, sample_base, step = rng.unpack_key(key)
     _native.q_sample(out.data_ptr(), x0.data_ptr(), t.data_ptr(), table.data_ptr(), T, B, N, noise_ptr,
                      seed, sample_base, step)
     return out
@@ -57,7 +57,7 @@ def reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, cli
     out = torch.empty_like(x_t)
     noise, noise_ptr = _noise_ptr(noise)
     T, B, N = _sizes(x_t, table)
-    seed, sample_base, _ = key.tolist()
+    seed, sample_base, _ = rng.unpack_key(key)
     _native.reverse_step(out.data_ptr(), x_t.data_ptr(), model_out.data_ptr(), _DTYPES[model_out.dtype],
                          model_stride, t.data_ptr(), table.data_ptr(), T, B, N, noise_ptr, seed, sample_base,
                          reference.PREDICTIONS.index(prediction), reference.VARIANCES.index(variance),
@@ -72,7 +72,7 @@ def eps_loss(pred, x0, t, table, noise, key, prediction):
     gradient = torch.empty_like(x0)
     noise, noise_ptr = _noise_ptr(noise)
     T, B, N = _sizes(x0, table)
-    seed, sample_base, step = key.tolist()
+    seed, sample_base, step = rng.unpack_key(key)
     # grad_scale B turns d(mean_b MSE_b)/d pred into d MSE_b / d pred = 2 (pred − target) / N
     _native.eps_loss(per_sample.data_ptr(), gradient.data_ptr(), pred.data_ptr(), _DTYPES[pred.dtype], pred_stride,
                      x0.data_ptr(), t.data_ptr(), table.data_ptr(), T, B, N, noise_ptr, seed, sample_base, step,
