@@ -79,15 +79,20 @@ def _seed(seed: int) -> int:
     return seed
 
 
+def seed_bits(seed: int) -> int:
+    """The signed int64 with the 64-bit seed's bits (a key tensor's or a kernel parameter's type):
+    seeds of 2**63 or more read as negative there, and the kernels take the bits."""
+    seed = _seed(seed)
+    return seed - 2**64 if seed >= 2**63 else seed
+
+
 def noise_key(seed: int, sample_base: int = 0, step: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The operators' ``key``: int64 [seed, sample_base, step] on ``device``. The seed's 64 bits
-    are stored as they are, so a seed of 2**63 or more reads as a negative int64 there
-    (`unpack_key` undoes it; the Triton kernels take the bits)."""
-    _seed(seed)
+    """The operators' ``key``: int64 [`seed_bits`(seed), sample_base, step] on ``device``
+    (`unpack_key` reads it back)."""
     for name, value in (("sample_base", sample_base), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
             raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
-    return torch.tensor([seed - 2**64 if seed >= 2**63 else seed, sample_base, step], dtype=torch.int64, device=device)
+    return torch.tensor([seed_bits(seed), sample_base, step], dtype=torch.int64, device=device)
 
 
 def unpack_key(key: torch.Tensor) -> tuple[int, int, int]:

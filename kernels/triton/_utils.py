@@ -12,6 +12,7 @@ import triton
 from torch.library import wrap_triton
 from triton.runtime.jit import JITFunction
 
+from fastddpm import rng
 from fastddpm.schedule import Coefficients
 
 PREDICTIONS = {"eps": 0, "x0": 1, "v": 2}
@@ -31,13 +32,6 @@ def enum(value, table: dict, name: str) -> int:
     raise ValueError(f"{name} must be one of {', '.join(map(repr, table))}, got {value!r}")
 
 
-def seed_arg(seed) -> int:
-    """The 64-bit seed as the signed int64 with the same bits (kernel parameter typed i64)."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    return seed - 2**64 if seed >= 2**63 else seed
-
-
 def u32_arg(value, name: str) -> int:
     """An integer coordinate (sample_base, step) reduced mod 2**32, as the noise contract does."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -52,7 +46,7 @@ def coordinates(seed, sample_base, step, key, device: torch.device):
     makes) the kernel loads them itself — nothing to recompile, CUDA-graph safe — and the
     scalars are not used."""
     if key is None:
-        return seed_arg(seed), u32_arg(sample_base, "sample_base"), u32_arg(step, "step"), None
+        return rng.seed_bits(seed), u32_arg(sample_base, "sample_base"), u32_arg(step, "step"), None
     if not isinstance(key, torch.Tensor) or key.dtype != torch.int64 or key.shape != (3,):
         raise ValueError("key must be an int64 tensor [seed, sample_base, step] of shape (3,), got "
                          f"{getattr(key, 'dtype', type(key).__name__)} {tuple(getattr(key, 'shape', ()))}")

@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastddpm import rng
+
 from . import _utils as U
 
 
@@ -102,7 +104,7 @@ def _launch_args(batch, numel, seed, sample_base, step, stream):
         raise ValueError(f"batch must be a positive integer, got {batch!r}")
     if isinstance(numel, bool) or not isinstance(numel, int) or numel < 1:
         raise ValueError(f"numel must be a positive integer, got {numel!r}")
-    return U.seed_arg(seed), U.u32_arg(sample_base, "sample_base"), U.u32_arg(step, "step"), U.u32_arg(stream, "stream")
+    return rng.seed_bits(seed), U.u32_arg(sample_base, "sample_base"), U.u32_arg(step, "step"), U.u32_arg(stream, "stream")
 
 
 def normal(batch: int, shape, seed: int = 0, sample_base: int = 0, step: int = 0, stream: int = 0, *,
