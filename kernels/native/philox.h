@@ -19,6 +19,7 @@ namespace fastddpm {
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
 constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
 constexpr float kUniformScale = 4.6566127342e-10f;
+constexpr float kMinUniform = 1.0e-7f;  // u₁ is clamped to it before the log
 
 // Streams keep the noise of different uses independent (rng.STREAM_*).
 constexpr uint32_t kStreamPrior = 0, kStreamReverse = 1, kStreamTrain = 2;
@@ -61,7 +62,7 @@ static FASTDDPM_INLINE float uint_to_uniform(uint32_t word) { return static_cast
 // float θ differs from 2πu₂ by up to 4e-7, so normals differ from it by up to about 2e-6).
 static FASTDDPM_INLINE void box_muller(uint32_t w1, uint32_t w2, float& n1, float& n2) {
   const float u1 = uint_to_uniform(w1);
-  const float r = std::sqrt(vmath::minus_two_log_unit(u1 < 1.0e-7f ? 1.0e-7f : u1));
+  const float r = std::sqrt(vmath::minus_two_log_unit(u1 < kMinUniform ? kMinUniform : u1));
   float s, c;
   vmath::sincos_quarter_turns(static_cast<float>(fold(w2)) * (4.0f * kUniformScale), s, c);
   n1 = r * c;

@@ -51,6 +51,8 @@ struct LogTable {
 };
 inline const LogTable kLogTable;
 constexpr float kMinusTwoLn2 = -1.38629436111989061f;
+// −2 ln(1 + r) = ρ + ρ² (kLog0 + ρ (kLog1 + ρ (kLog2 + ρ kLog3))), ρ = −2r (below)
+constexpr float kLog0 = 0.25f, kLog1 = 1.0f / 12.0f, kLog2 = 1.0f / 32.0f, kLog3 = 1.0f / 80.0f;
 
 // −2 ln x for x ∈ (0, 1), normal: x = 2^k m, m ∈ [½, 1) in interval i of kLogTable, and
 // −2 ln x = k (−2 ln 2) + (−2 ln c_i) − 2 ln(1 + r), r = m/c_i − 1, |r| ≤ 1/32, where the series of
@@ -65,7 +67,7 @@ static FASTDDPM_INLINE float minus_two_log_unit(float x) {
   const float k = static_cast<float>(static_cast<int32_t>(ix >> 23) - 126);
   const float m = from_bits((ix & 0x007fffffu) | 0x3f000000u);
   const float rho = fma(m, kLogTable.minus_two_inv_c[i], 2.0f);
-  const float p = fma(fma(fma(1.0f / 80.0f, rho, 1.0f / 32.0f), rho, 1.0f / 12.0f), rho, 0.25f);
+  const float p = fma(fma(fma(kLog3, rho, kLog2), rho, kLog1), rho, kLog0);
   return fma(k, kMinusTwoLn2, kLogTable.minus_two_log_c[i]) + fma(rho * rho, p, rho);
 }
 
