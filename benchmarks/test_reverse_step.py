@@ -9,8 +9,9 @@ Run with ``pytest benchmarks/test_reverse_step.py --benchmark-only``. Nothing he
 import pytest
 import torch
 
-from fastddpm import NoiseSchedule, ops, reference
-from fastddpm.kernels import native
+from fastddpm import NoiseSchedule, reference, rng
+from fastddpm.kernels.reverse_step import native_reverse_step
+from fastddpm.ops import FUSED
 
 SHAPE = (64, 3, 32, 32)
 OPTIONS = dict(prediction="eps", variance="fixed_small", clip_denoised=True)
@@ -26,15 +27,15 @@ def test_native_in_kernel_noise(benchmark, inputs):
     x, out = inputs
     table = NoiseSchedule.linear(1000).coefficients("cpu").table
     t = torch.full((SHAPE[0],), 500)
-    key = ops.noise_key(1)
-    benchmark(native.reverse_step, x, out, t, table, None, key, "eps", "fixed_small", True, None)
+    key = rng.noise_key(1)
+    benchmark(native_reverse_step, x, out, t, table, None, key, "eps", "fixed_small", True, None)
 
 
 def test_fused_op_in_kernel_noise(benchmark, inputs):
     x, out = inputs
     coef = NoiseSchedule.linear(1000).coefficients("cpu")
     t = torch.full((SHAPE[0],), 500)
-    benchmark(ops.FusedOps.reverse_step, x, out, t, coef, key=ops.noise_key(1), **OPTIONS)
+    benchmark(FUSED.reverse_step, x, out, t, coef.table, None, rng.noise_key(1), "eps", "fixed_small", True, None)
 
 
 def test_eager_reference(benchmark, inputs):

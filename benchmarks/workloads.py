@@ -16,7 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastddpm import GaussianDiffusion, NoiseSchedule, UNet, ops, reference
+from fastddpm import GaussianDiffusion, NoiseSchedule, UNet, kernels, reference, rng
+from fastddpm.ops import FUSED
 from fastddpm.sampler import Sampler
 
 from .harness import Floors, Row, make_row, time_call, time_calls
@@ -74,26 +75,30 @@ def _inputs(ctx: Context, shape, seed=0):
 
 def reverse_step(ctx: Context) -> list[Row]:
     """One reverse step at each size: the operator (in-kernel or given noise), on the CPU also the
-    native launcher without the operator's dispatch, the eager reference, and diffusers'
-    DDPMScheduler.step, timed in turns (`time_calls`)."""
+    native launcher without the operator's dispatch and checks, `GaussianDiffusion.p_sample` (what
+    a user calls: the operator plus its own checks and a key, with a model that returns a fixed
+    output), the eager reference, and diffusers' DDPMScheduler.step, timed in turns (`time_calls`)."""
     rows = []
-    coef = NoiseSchedule.linear(1000).coefficients(ctx.device)
+    diffusion = GaussianDiffusion(NoiseSchedule.linear(1000))
+    coef = diffusion.schedule.coefficients(ctx.device)
     diffusers = _diffusers()
     options = dict(prediction="eps", variance="fixed_small", clip_denoised=True)
     for shape in ctx.kernel_sizes():
         x, out32, z = _inputs(ctx, shape)
         B, N = shape[0], math.prod(shape[1:])
         t = torch.full((B,), 500, device=ctx.device)
-        key = ops.noise_key(1, 0, 0, ctx.device)
+        key = rng.noise_key(1, 0, 0, ctx.device)
         for dname, dtype in DTYPES.items():
             out = out32.to(dtype)
             model_bytes = B * N * out.element_size()
             calls = {}  # (provider, mode) → (fn, bytes moved)
             for mode, noise, extra in (("noise=in-kernel", None, 0), ("noise=given", z, 4 * B * N)):
-                calls["fused", mode] = (lambda noise=noise: ops.reverse_step_op(
+                calls["fused", mode] = (lambda noise=noise: FUSED.reverse_step(
                     x, out, t, coef.table, noise, key, "eps", "fixed_small", True, None), 8 * B * N + model_bytes + extra)
-            if not ctx.cuda and ops.native_kernels is not None:  # the kernel without the operator's dispatch
-                calls["fused", "native launcher, noise=in-kernel"] = (lambda: ops.native_kernels.reverse_step(
+            calls["fused", "GaussianDiffusion.p_sample(seed=)"] = (lambda: diffusion.p_sample(
+                lambda x_t, timesteps: out, x, t, seed=1), 8 * B * N + model_bytes)
+            if not ctx.cuda and kernels.native is not None:  # the kernel without the operator's dispatch
+                calls["fused", "native launcher, noise=in-kernel"] = (lambda: kernels.reverse_step.native_reverse_step(
                     x, out, t, coef.table, None, key, "eps", "fixed_small", True, None), 8 * B * N + model_bytes)
             calls["eager", "noise=randn"] = (lambda: reference.reverse_step(
                 x, out.float(), t, torch.randn_like(x), coef, **options), 8 * B * N + model_bytes)
@@ -119,14 +124,14 @@ def train_loss(ctx: Context) -> list[Row]:
         x0, pred32, _ = _inputs(ctx, shape)
         B, N = shape[0], math.prod(shape[1:])
         t = torch.randint(0, 1000, (B,), generator=torch.Generator().manual_seed(0)).to(ctx.device)
-        key = ops.noise_key(1, 0, 0, ctx.device)
+        key = rng.noise_key(1, 0, 0, ctx.device)
         for dname, dtype in DTYPES.items():
             pred = pred32.to(dtype).requires_grad_()
             nbytes = 12 * B * N + 2 * B * N * pred.element_size()  # x0 → x_t; read pred, x0; write grad
 
             def fused():
-                x_t = ops.q_sample_op(x0, t, coef.table, None, key)
-                per_sample, _ = ops.eps_loss_op(pred, x0, t, coef.table, None, key, "eps")
+                x_t = FUSED.q_sample(x0, t, coef.table, None, key)
+                per_sample, _ = FUSED.simple_loss(pred, x0, t, coef.table, None, key, "eps")
                 per_sample.mean().backward()
                 return x_t
 
@@ -163,7 +168,7 @@ def vlb_terms(ctx: Context) -> list[Row]:
         x0 = x0.clamp(-1, 1)
         t = torch.arange(B, device=ctx.device) % 1000
         options = dict(prediction="eps", variance="fixed_small", clip_denoised=True, levels=256)
-        fused = lambda: ops.vlb_terms_op(out, x0, x_t, t, coef.table, "eps", "fixed_small", True, 256)  # noqa: E731
+        fused = lambda: FUSED.vlb_terms(out, x0, x_t, t, coef.table, "eps", "fixed_small", True, 256)  # noqa: E731
         eager = lambda: reference.vlb_terms(out, x0, x_t, t, coef, **options)  # noqa: E731
         for provider, fn in (("fused", fused), ("eager", eager)):
             rows.append(ctx.row("vlb_terms", provider, "fixed_small", _size(shape), "fp32",

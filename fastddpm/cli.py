@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from . import options
 from .checkpoint import CheckpointError
-from .config import PRECISIONS, load_config, preset, preset_names
+from .config import load_config, preset, preset_names
 from .datasets import DatasetError
 
 
@@ -56,7 +57,7 @@ def _default_device() -> str:
 
 def _add_common(p, compile_help: str) -> None:
     p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
+    p.add_argument("--precision", choices=tuple(options.PRECISIONS), default=None,
                    help="autocast dtype of the U-Net; the chain state and the optimizer stay float32 (default: fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help=f"torch.compile {compile_help} (default: on for CUDA, off on the CPU)")
@@ -210,10 +211,10 @@ def run_nll(args) -> None:
 
 
 def run_info(args) -> None:
-    from . import __version__, ops
+    from . import __version__, kernels
 
-    native = "yes" if ops.native_kernels is not None else "no (reference ops)"
-    triton = "yes" if ops.triton_kernels is not None else "no"
+    native = "yes" if kernels.native is not None else "no (reference ops)"
+    triton = "yes" if kernels.HAS_TRITON else "no"
     print(f"fastddpm {__version__}, torch {torch.__version__}, Python {platform.python_version()}")
     print(f"native CPU kernels: {native}; Triton CUDA kernels: {triton}; "
           f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")

@@ -13,9 +13,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
-from .reference import PREDICTIONS, VARIANCES
-
-PRECISIONS = ("fp32", "bf16", "fp16")
+from . import options
 
 
 @dataclass(frozen=True)
@@ -49,6 +47,7 @@ class TrainConfig:
     precision: str = "fp32"  # autocast dtype of the U-Net: fp32, bf16, or fp16 (with a loss scaler)
     compile: bool | None = None  # torch.compile the training step; None: on for CUDA, off on the CPU
     channels_last: bool | None = None  # None: on for CUDA
+    tf32: bool | None = None  # TF32 matmuls and convolutions in fp32 on CUDA; None: on there (the run records which)
 
     def __post_init__(self):
         positive = ("timesteps", "steps", "batch_size", "samples", "grid_scale", "log_every", "keep_checkpoints")
@@ -67,8 +66,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
-        for name, allowed in (("prediction", PREDICTIONS), ("variance", VARIANCES), ("precision", PRECISIONS),
-                              ("loss", ("simple", "vlb", "hybrid")), ("timestep_sampler", ("uniform", "importance"))):
+        for name, allowed in (("prediction", options.PREDICTIONS), ("variance", options.VARIANCES),
+                              ("precision", tuple(options.PRECISIONS)), ("loss", options.LOSSES),
+                              ("timestep_sampler", ("uniform", "importance"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 

@@ -1,8 +1,9 @@
 """`GaussianDiffusion`: the DDPM forward and reverse processes, the losses and the bound.
 
-The class validates inputs, holds the schedule, calls the model, and runs the fusable ops
-(q_sample, reverse_step, simple_loss, vlb_terms) through the backend seam in `fastddpm.ops`;
-the equations themselves live in `fastddpm.reference` and `fastddpm.gaussian`.
+The class holds the schedule, calls the model, and runs the fusable ops (q_sample,
+reverse_step, simple_loss, vlb_terms) on a backend of `fastddpm.ops`, which checks their
+arguments (t's range included, without a host sync on a GPU); the equations themselves live in
+`fastddpm.reference` and `fastddpm.gaussian`.
 
 ``t`` is always a per-sample index into this diffusion's schedule ([B], int64); the model is
 called with the original timestep of that index (they differ only after `respace`).
@@ -15,18 +16,13 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import reference, rng
-from .ops import backend_for, noise_key
+from . import options, reference, rng
+from .kernels import checks
+from .ops import backend_for
 from .schedule import Coefficients, NoiseSchedule
 
-LOSSES = ("simple", "vlb", "hybrid")
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _choice(name: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; expected one of: {', '.join(allowed)}")
-    return value
+_KEYS_KEPT = 64  # noise keys cached per diffusion (a sampling loop reuses one)
 
 
 class GaussianDiffusion:
@@ -65,14 +61,15 @@ class GaussianDiffusion:
             raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
         backend_for(backend)  # validate the name now, not at the first step
         self.schedule = schedule
-        self.prediction = _choice("prediction", prediction, reference.PREDICTIONS)
-        self.variance = _choice("variance", variance, reference.VARIANCES)
-        self.loss = _choice("loss", loss, LOSSES)
+        self.prediction = options.choice("prediction", prediction, options.PREDICTIONS)
+        self.variance = options.choice("variance", variance, options.VARIANCES)
+        self.loss = options.choice("loss", loss, options.LOSSES)
         self.clip_denoised = bool(clip_denoised)
         self.levels = levels
         self.min_snr_gamma = min_snr_gamma
         self.hybrid_lambda = hybrid_lambda
         self.backend = backend
+        self._keys: dict[tuple, torch.Tensor] = {}
 
     @property
     def num_timesteps(self) -> int:
@@ -104,23 +101,36 @@ class GaussianDiffusion:
     def _ops(self, x: torch.Tensor):
         return backend_for(self.backend, x.dtype)
 
-    def _op_options(self, clip_denoised: bool | None = None) -> dict:
-        clip = self.clip_denoised if clip_denoised is None else clip_denoised
-        return {"prediction": self.prediction, "variance": self.variance, "clip_denoised": clip}
-
     def _model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, coef: Coefficients) -> torch.Tensor:
-        out = model(x_t, coef.timesteps[t])
+        """The model at x_t and the original timesteps of t (t itself unless respaced; there, t is
+        clamped into the table so that a bad t is reported by the op, not by this gather)."""
+        if self.schedule.respaced:
+            t = coef.timesteps.index_select(0, t.clamp(0, self.num_timesteps - 1))
+        out = model(x_t, t)
         expected = list(x_t.shape)
         if self.variance == "learned_range":
             expected[1] *= 2
-        if list(out.shape) != expected:
+        if not isinstance(out, torch.Tensor) or list(out.shape) != expected:
             raise ValueError(
-                f"model output has shape {tuple(out.shape)}, expected {tuple(expected)} "
+                f"model output has shape {tuple(getattr(out, 'shape', ()))}, expected {tuple(expected)} "
                 f"(prediction={self.prediction!r}, variance={self.variance!r})"
             )
         return out
 
-    # ---- input checks -------------------------------------------------------------------
+    def _key(self, seed: int, sample_index: int, step: int, device: torch.device) -> torch.Tensor:
+        """The noise key [seed, sample_index, step] on ``device``, made once and kept (`rng.noise_key`
+        checks the values)."""
+        if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
+            raise ValueError(f"sample_index must be a non-negative integer, got {sample_index!r}")
+        coordinates = (seed, sample_index, step, device)
+        key = self._keys.get(coordinates)
+        if key is None:
+            if len(self._keys) >= _KEYS_KEPT:
+                self._keys.clear()
+            key = self._keys[coordinates] = rng.noise_key(seed, sample_index, step, device)
+        return key
+
+    # ---- input checks (of what this class uses itself; the ops check their arguments) --------
 
     @staticmethod
     def _check_images(name: str, x) -> None:
@@ -130,31 +140,14 @@ class GaussianDiffusion:
             raise ValueError(f"{name} must have shape [B, ...] with at least 2 dims, got {tuple(x.shape)}")
 
     @staticmethod
-    def _check_like(name: str, x, like: torch.Tensor) -> None:
-        GaussianDiffusion._check_images(name, x)
-        if x.shape != like.shape:
-            raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(like.shape)}")
-        if x.device != like.device:
-            raise ValueError(f"{name} is on {x.device}, expected {like.device}")
-
-    def _check_t(self, t, x: torch.Tensor) -> None:
+    def _check_t(t, x: torch.Tensor) -> torch.Tensor:
+        """t as int64 [B] on x's device (its values are the ops' to check)."""
         if not isinstance(t, torch.Tensor) or t.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"t must be an int64 tensor of timestep indices, got {getattr(t, 'dtype', type(t).__name__)}")
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape [B] = ({x.shape[0]},), got {tuple(t.shape)}")
         if t.device != x.device:
             raise ValueError(f"t is on {t.device}, expected {x.device}")
-        # The range needs t's values on the host: a sync on a GPU, a graph break in a compiled
-        # step. A compiled step (the trainer's) draws t from its sampler, so it skips the check.
-        if t.numel() and not torch.compiler.is_compiling():
-            low, high = torch.aminmax(t)
-            if not (0 <= int(low) and int(high) < self.num_timesteps):
-                raise ValueError(f"t out of range: values must lie in [0, {self.num_timesteps - 1}]")
-
-    def _checked(self, x: torch.Tensor, t, *others: tuple[str, torch.Tensor]) -> torch.Tensor:
-        self._check_t(t, x)
-        for name, other in others:
-            self._check_like(name, other, x)
         return t.long()
 
     # ---- forward process ------------------------------------------------------------------
@@ -169,14 +162,24 @@ class GaussianDiffusion:
         when a seed is given, else ``torch.randn``.
         """
         self._check_images("x0", x0)
-        noise = _default_noise(x0, noise, seed)
-        t = self._checked(x0, t, *_named("noise", noise))
-        return self._ops(x0).q_sample(x0, t, self.coefficients(x0), noise=noise, **_coordinates(seed, sample_index, step, x0.device))
+        t = self._check_t(t, x0)
+        noise, key = self._noise(x0, noise, seed, sample_index, step)
+        return self._ops(x0).q_sample(x0, t, self.coefficients(x0).table, noise, key)
+
+    def _noise(self, like: torch.Tensor, noise, seed, sample_index: int, step: int):
+        """(noise, key) for an op: the given noise; else the contract's at a seed, from its key; else N(0, I)."""
+        if noise is not None:
+            return noise, None
+        if seed is not None:
+            return None, self._key(seed, sample_index, step, like.device)
+        return torch.randn_like(like), None
 
     def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
         """(μ̃_t, β̃_t, log β̃_t clipped) of q(x_{t−1} | x_t, x_0)  — eq. (6), (7)."""
         self._check_images("x0", x0)
-        t = self._checked(x0, t, ("x_t", x_t))
+        self._check_images("x_t", x_t)
+        t = self._check_t(t, x0)
+        checks.timesteps_in_range("q_posterior", t, self.num_timesteps)
         mean, variance, log_variance = reference.q_posterior(x0, x_t, t, self.coefficients(x0))
         return mean, variance.expand_as(x0), log_variance.expand_as(x0)
 
@@ -185,10 +188,12 @@ class GaussianDiffusion:
     def p_mean_variance(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> dict:
         """dict(mean, variance, log_variance, pred_x0) of p_θ(x_{t−1} | x_t)  — eq. (1), (11)."""
         self._check_images("x_t", x_t)
-        t = self._checked(x_t, t)
+        t = self._check_t(t, x_t)
+        checks.timesteps_in_range("p_mean_variance", t, self.num_timesteps)
         coef = self.coefficients(x_t)
         out = self._model_output(model, x_t, t, coef)
-        return reference.p_mean_variance(out, x_t, t, coef, **self._op_options())
+        return reference.p_mean_variance(out, x_t, t, coef, prediction=self.prediction, variance=self.variance,
+                                         clip_denoised=self.clip_denoised)
 
     def p_sample(
         self, model: Model, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
@@ -200,15 +205,14 @@ class GaussianDiffusion:
         when a seed is given, else ``torch.randn``.
         """
         self._check_images("x_t", x_t)
-        noise = _default_noise(x_t, noise, seed)
-        t = self._checked(x_t, t, *_named("noise", noise))
-        _check_eta(eta)
-        coef = self.coefficients(x_t)
-        return self._step(model, x_t, t, coef, eta, noise=noise, **_coordinates(seed, sample_index, 0, x_t.device))
+        t = self._check_t(t, x_t)
+        noise, key = self._noise(x_t, noise, seed, sample_index, 0)
+        return self._step(model, x_t, t, self.coefficients(x_t), eta, noise, key)
 
-    def _step(self, model: Model, x_t, t, coef: Coefficients, eta: float | None, **noise) -> torch.Tensor:
+    def _step(self, model: Model, x_t, t, coef: Coefficients, eta: float | None, noise, key) -> torch.Tensor:
         out = self._model_output(model, x_t, t, coef)
-        return self._ops(x_t).reverse_step(x_t, out, t, coef, eta=eta, **noise, **self._op_options())
+        return self._ops(x_t).reverse_step(x_t, out, t, coef.table, noise, key, self.prediction, self.variance,
+                                           self.clip_denoised, eta)
 
     @torch.no_grad()
     def sample(
@@ -230,7 +234,7 @@ class GaussianDiffusion:
         ``sample_index`` + b of that seed, whatever the batch; otherwise noise comes from
         ``generator``. ``device`` defaults to the model's.
         """
-        _check_eta(eta)
+        checks.eta("reverse_step", eta)
         shape = tuple(int(s) for s in shape)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shape must be [B, ...] with positive sizes, got {shape}")
@@ -238,17 +242,18 @@ class GaussianDiffusion:
         if device is None:
             params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = params.device if params is not None else "cpu"
-        contract = _coordinates(seed, sample_index, 0, torch.device(device))
+        device = torch.device(device)
         if seed is None:
-            x = torch.randn(shape, generator=generator, device=device)
+            x, key = torch.randn(shape, generator=generator, device=device), None
         else:
+            key = diffusion._key(seed, sample_index, 0, device)
             samples = sample_index + torch.arange(shape[0], device=device)
             x = rng.normal(seed, samples, diffusion.num_timesteps, rng.STREAM_PRIOR, shape[1:])
         coef = diffusion.coefficients(x)
         for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress):
             t = torch.full((shape[0],), i, device=x.device, dtype=torch.int64)
-            noise = contract or {"noise": torch.randn(shape, generator=generator, device=x.device)}
-            x = diffusion._step(model, x, t, coef, eta, **noise)
+            noise = None if key is not None else torch.randn(shape, generator=generator, device=x.device)
+            x = diffusion._step(model, x, t, coef, eta, noise, key)
         return x
 
     # ---- training --------------------------------------------------------------------------
@@ -273,7 +278,7 @@ class GaussianDiffusion:
         importance-sampling weights) multiply each sample's loss in the mean, together with
         min-SNR-γ weights when configured. ``per_sample`` is each sample's unweighted loss
         (what a loss-aware timestep sampler learns from); ``vb`` is L_t in bits/dim, or None.
-        ``key`` (`fastddpm.ops.noise_key`: int64 [seed, sample_index, step] on x0's device) may
+        ``key`` (`fastddpm.rng.noise_key`: int64 [seed, sample_index, step] on x0's device) may
         replace the three integers: a compiled training step takes it as a tensor, so a new
         step is new data, not a recompile.
         """
@@ -282,9 +287,9 @@ class GaussianDiffusion:
             raise ValueError("variance='learned_range' is only trained by loss='vlb' or 'hybrid', not 'simple'")
         if t is None:
             t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device)
-        noise = _default_noise(x0, noise, seed if key is None else key)
-        t = self._checked(x0, t, *_named("noise", noise))
-        contract = {"key": key} if key is not None else _coordinates(seed, sample_index, step, x0.device)
+        t = self._check_t(t, x0)
+        if key is None:
+            noise, key = self._noise(x0, noise, seed, sample_index, step)
         if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != (x0.shape[0],)):
             raise ValueError(f"weights must be a tensor of shape [B] = ({x0.shape[0]},)")
         coef = self.coefficients(x0)
@@ -292,17 +297,16 @@ class GaussianDiffusion:
             snr_weights = reference.min_snr_weights(t, coef, self.min_snr_gamma, self.prediction)
             weights = snr_weights if weights is None else weights * snr_weights
         ops = self._ops(x0)
-        x_t = ops.q_sample(x0, t, coef, noise=noise, **contract)
+        x_t = ops.q_sample(x0, t, coef.table, noise, key)
         out = self._model_output(model, x_t, t, coef)
         pred, var_values = reference.split_model_output(out, self.variance)
 
         terms = {"t": t, "mse": None, "vb": None}
         loss = per_sample = 0
         if self.loss in ("simple", "hybrid"):
-            loss, terms["mse"] = ops.simple_loss(
-                pred, x0, t, coef, noise=noise, **contract, prediction=self.prediction, weights=weights
-            )
+            terms["mse"], _ = ops.simple_loss(pred, x0, t, coef.table, noise, key, self.prediction)
             per_sample = terms["mse"]
+            loss = (per_sample if weights is None else per_sample * weights).mean()
         if self.loss in ("vlb", "hybrid"):
             # The bound trains Σ_θ; under "hybrid" the mean is learned by L_simple alone.
             if self.loss == "vlb":
@@ -311,7 +315,7 @@ class GaussianDiffusion:
                 frozen = pred.detach()
             else:
                 frozen = torch.cat([pred.detach(), var_values], dim=1)
-            vb = ops.vlb_terms(frozen, x0, x_t, t, coef, levels=self.levels, **self._op_options(clip_denoised=False))
+            vb = ops.vlb_terms(frozen, x0, x_t, t, coef.table, self.prediction, self.variance, False, self.levels)
             scale = self.num_timesteps * (1.0 if self.loss == "vlb" else self.hybrid_lambda)
             weighted_vb = vb if weights is None else vb * weights
             loss = loss + scale * weighted_vb.mean()
@@ -328,10 +332,11 @@ class GaussianDiffusion:
     def vlb_terms(self, model: Model, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Per-sample L_{t−1} (t > 0) or L_0 (t = 0) in bits/dim at the given x_t  — eq. (5)."""
         self._check_images("x0", x0)
-        t = self._checked(x0, t, ("x_t", x_t))
+        t = self._check_t(t, x0)
         coef = self.coefficients(x0)
         out = self._model_output(model, x_t, t, coef)
-        return self._ops(x0).vlb_terms(out, x0, x_t, t, coef, levels=self.levels, **self._op_options())
+        return self._ops(x0).vlb_terms(out, x0, x_t, t, coef.table, self.prediction, self.variance,
+                                       self.clip_denoised, self.levels)
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
         """Per-sample L_T = KL(q(x_T | x_0) ‖ N(0, I)) in bits/dim."""
@@ -355,33 +360,9 @@ class GaussianDiffusion:
         for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="bits/dim", disable=not progress):
             t = torch.full((batch,), i, device=x0.device, dtype=torch.int64)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-            x_t = ops.q_sample(x0, t, coef, noise=noise)
+            x_t = ops.q_sample(x0, t, coef.table, noise, None)
             out = self._model_output(model, x_t, t, coef)
-            vb[:, i] = ops.vlb_terms(out, x0, x_t, t, coef, levels=self.levels, **self._op_options())
+            vb[:, i] = ops.vlb_terms(out, x0, x_t, t, coef.table, self.prediction, self.variance, self.clip_denoised,
+                                     self.levels)
         prior = reference.prior_bpd(x0, coef)
         return {"total_bpd": vb.sum(1) + prior, "prior_bpd": prior, "decoder_bpd": vb[:, 0], "vb": vb}
-
-
-def _default_noise(like: torch.Tensor, noise: torch.Tensor | None, seed: int | None) -> torch.Tensor | None:
-    """The noise tensor an op gets: the given one, None (the op draws the contract's for ``seed``), or N(0, I)."""
-    if noise is not None or seed is not None:
-        return noise
-    return torch.randn_like(like)
-
-
-def _named(name: str, noise: torch.Tensor | None) -> tuple:
-    return () if noise is None else ((name, noise),)
-
-
-def _coordinates(seed: int | None, sample_index: int, step: int, device: torch.device) -> dict:
-    """The noise contract's coordinates as the ops' ``key`` keyword (none without a seed)."""
-    if seed is None:
-        return {}
-    if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
-        raise ValueError(f"sample_index must be a non-negative integer, got {sample_index!r}")
-    return {"key": noise_key(seed, sample_index, step, device)}  # noise_key checks the seed
-
-
-def _check_eta(eta: float | None) -> None:
-    if eta is not None and not 0.0 <= float(eta) <= 1.0:
-        raise ValueError(f"eta must lie in [0, 1] (0 is deterministic DDIM, 1 matches DDPM's variance), got {eta}")

@@ -48,8 +48,9 @@ def _mul32(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return high & _MASK32, low
 
 
-def philox4x32(c0, c1, c2, c3, seed: int, rounds: int = 10):
-    """Philox4x32 (Salmon et al. 2011) on uint32 counters held in int64 tensors, keyed by a 64-bit seed."""
+def philox4x32(c0, c1, c2, c3, seed, rounds: int = 10):
+    """Philox4x32 (Salmon et al. 2011) on uint32 counters held in int64 tensors, keyed by a 64-bit
+    seed: an int, or an int64 tensor holding its bits (a key's, read on its device)."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     for _ in range(rounds):
         hi_b, lo_b = _mul32(c2, _ROUND_B)
@@ -88,11 +89,16 @@ def seed_bits(seed: int) -> int:
 
 def noise_key(seed: int, sample_base: int = 0, step: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
     """The operators' ``key``: int64 [`seed_bits`(seed), sample_base, step] on ``device``
-    (`unpack_key` reads it back)."""
+    (`unpack_key` reads it back). Off the CPU it is made of scalar fills on the device, so making
+    one never waits for the device (a copy from host memory would)."""
     for name, value in (("sample_base", sample_base), ("step", step)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
             raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
-    return torch.tensor([seed_bits(seed), sample_base, step], dtype=torch.int64, device=device)
+    values = (seed_bits(seed), sample_base, step)
+    device = torch.device(device)
+    if device.type == "cpu":
+        return torch.tensor(values, dtype=torch.int64)
+    return torch.stack([torch.full((), v, dtype=torch.int64, device=device) for v in values])
 
 
 def unpack_key(key: torch.Tensor) -> tuple[int, int, int]:
@@ -101,10 +107,10 @@ def unpack_key(key: torch.Tensor) -> tuple[int, int, int]:
     return seed % 2**64, sample_base, step
 
 
-def philox_words(seed: int, samples: torch.Tensor, step, stream: int, numel: int) -> torch.Tensor:
+def philox_words(seed, samples: torch.Tensor, step, stream: int, numel: int) -> torch.Tensor:
     """The raw Philox outputs [B, 4, Q] (uint32 values in int64) for ``numel`` elements per sample;
-    ``step`` is one int or one per sample."""
-    seed = _seed(seed)
+    ``seed`` is an int or an int64 tensor of its bits, ``step`` one int or tensor, or one per sample."""
+    seed = seed if isinstance(seed, torch.Tensor) else _seed(seed)
     samples = torch.as_tensor(samples, dtype=torch.int64)
     quarter = -(-numel // 4)
     g = torch.arange(quarter, dtype=torch.int64, device=samples.device).expand(samples.numel(), quarter)
@@ -114,7 +120,7 @@ def philox_words(seed: int, samples: torch.Tensor, step, stream: int, numel: int
     return torch.stack(words, dim=1)
 
 
-def normal(seed: int, samples: torch.Tensor, step, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
+def normal(seed, samples: torch.Tensor, step, stream: int, shape: tuple[int, ...]) -> torch.Tensor:
     """Standard normals [B, *shape] (float32) for global sample indices ``samples`` [B] at
     ``step`` (one int, or one per sample as the reverse step's t)."""
     numel = 1
@@ -126,3 +132,13 @@ def normal(seed: int, samples: torch.Tensor, step, stream: int, shape: tuple[int
     n2, n3 = box_muller(u[:, 2], u[:, 3])
     quarters = torch.stack([n0, n1, n2, n3], dim=1)  # element j·Q + g is quarters[:, j, g]
     return quarters.reshape(quarters.shape[0], -1)[:, :numel].reshape(-1, *shape)
+
+
+def normal_at_key(key: torch.Tensor, like: torch.Tensor, stream: int, step: torch.Tensor | None = None) -> torch.Tensor:
+    """The contract's normals in ``like``'s shape and dtype at a `noise_key` tensor: sample b at
+    (seed, sample_base + b, step), the key's step unless ``step`` (one per sample: the reverse
+    step's t) replaces it. Computed on the key's device from its values there: no host sync."""
+    seed, sample_base, key_step = key.unbind(0)
+    samples = sample_base + torch.arange(like.shape[0], device=key.device)
+    z = normal(seed, samples, key_step if step is None else step, stream, tuple(like.shape[1:]))
+    return z.to(like.dtype)

@@ -24,14 +24,13 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import distributed, rng
+from . import distributed, options, rng
 from .datasets import quantize
-from .diffusion import GaussianDiffusion, _check_eta
+from .diffusion import GaussianDiffusion
 from .images import image_grid, save_grid
-from .ops import noise_key, reverse_step_op
+from .kernels import checks
+from .ops import FUSED
 from .unet import UNetConfig
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # torch.compile of the U-Net on the CPU, ddpm-digits (8x8, 1 channel), batch 64, respaced to 100
 # steps, 2 cores (torch 2.13, inductor): 22.5 img/s eager, 32.7 img/s compiled (28.4 -> 19.6 ms a
@@ -62,10 +61,9 @@ class Sampler:
     ):
         if not isinstance(diffusion, GaussianDiffusion):
             raise TypeError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
-        _check_eta(eta)
+        checks.eta("reverse_step", eta)
         _check_int("batch_size", batch_size, 1)
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        options.choice("precision", precision, options.PRECISIONS)
         for name, value in (("compile", compile), ("cuda_graph", cuda_graph), ("channels_last", channels_last)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True, False or None, got {value!r}")
@@ -80,7 +78,7 @@ class Sampler:
         self.coef = self.diffusion.schedule.coefficients(self.device, torch.float32)
         self.eta = None if eta is None else float(eta)
         self.batch_size = batch_size
-        self.dtype = PRECISIONS[precision]
+        self.dtype = options.PRECISIONS[precision]
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self.progress = progress
         self.module = model if isinstance(model, torch.nn.Module) else None
@@ -120,7 +118,7 @@ class Sampler:
         """Images base … base + size − 1 of ``seed``, by the whole reverse chain."""
         samples = base + torch.arange(size, device=self.device)
         prior = rng.normal(seed, samples, self.diffusion.num_timesteps, rng.STREAM_PRIOR, self.shape)
-        key = noise_key(seed, base, 0, self.device)
+        key = rng.noise_key(seed, base, 0, self.device)
         steps = range(self.diffusion.num_timesteps - 1, -1, -1)
         if not self.cuda_graph:
             x, t = prior, torch.empty(size, dtype=torch.int64, device=self.device)
@@ -128,26 +126,28 @@ class Sampler:
                 t.fill_(i)
                 x = self._step(x, t, key)
             return x.cpu()
-        graph, x, t, static_key = self._graphs.get(size) or self._capture(size)
-        x.copy_(prior)
-        static_key.copy_(key)
-        for i in steps:
-            t.fill_(i)
-            graph.replay()
-        return x.cpu()
+        with torch.cuda.device(self.device):  # graphs capture and replay on the current device
+            graph, x, t, static_key = self._graphs.get(size) or self._capture(size)
+            x.copy_(prior)
+            static_key.copy_(key)
+            for i in steps:
+                t.fill_(i)
+                graph.replay()
+            return x.cpu()
 
     def _step(self, x: torch.Tensor, t: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """x_{t−1} from x_t: the U-Net (autocast when ``precision`` asks), then the fused reverse step."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=False):
-            out = self.model(x, self.coef.timesteps[t])
+            out = self.model(x, self.coef.timesteps.index_select(0, t))
         d = self.diffusion
-        return reverse_step_op(x, out, t, self.coef.table, None, key, d.prediction, d.variance, d.clip_denoised, self.eta)
+        return FUSED.reverse_step(x, out, t, self.coef.table, None, key, d.prediction, d.variance, d.clip_denoised,
+                                  self.eta)
 
     def _capture(self, size: int):
         """A CUDA graph of one step at batch ``size``, updating its static x in place from its t and key."""
         x = torch.zeros(size, *self.shape, device=self.device)
         t = torch.zeros(size, dtype=torch.int64, device=self.device)
-        key = noise_key(0, 0, 0, self.device)
+        key = rng.noise_key(0, 0, 0, self.device)
         side = torch.cuda.Stream(self.device)  # warm up (compile, autotune, allocate) off the capture
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):

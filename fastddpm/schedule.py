@@ -47,6 +47,7 @@ class NoiseSchedule:
 
         self.betas = betas
         self.timesteps = timesteps
+        self.respaced = not torch.equal(timesteps, torch.arange(T))  # the model sees other timesteps than t
         self.alphas = 1 - betas  # α_t = 1 − β_t
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)  # ᾱ_t = Π_{s≤t} α_s
         self.alphas_cumprod_prev = torch.cat([betas.new_ones(1), self.alphas_cumprod[:-1]])

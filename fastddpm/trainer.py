@@ -34,12 +34,13 @@ import signal
 import threading
 import time
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import distributed, options, rng
 from .checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -54,7 +55,6 @@ from .config import TrainConfig
 from .datasets import load_dataset, load_heldout
 from .diffusion import GaussianDiffusion
 from .images import save_grid
-from .ops import noise_key
 from .schedule import NoiseSchedule
 from .timesteps import LossAwareSampler, sampler_by_name
 from .unet import UNet
@@ -63,8 +63,6 @@ from .unet import UNet
 # precision, compile — may change between sessions).
 RESUME_FIELDS = ("model", "data", "image_size", "schedule", "timesteps", "prediction", "variance", "loss",
                  "timestep_sampler", "batch_size", "lr", "warmup", "ema_decay", "dropout", "hflip", "seed")
-
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingError(RuntimeError):
@@ -91,6 +89,13 @@ def heldout_nll(model, diffusion: GaussianDiffusion, images: torch.Tensor, batch
     totals = [diffusion.nll(model, images[start : start + batch_size], generator=generator)["total_bpd"]
               for start in range(0, len(images), batch_size)]
     return torch.cat(totals).mean().item()
+
+
+def use_tf32(enabled: bool) -> None:
+    """TF32 (10-bit mantissa products, float32 sums) for float32 matmuls and cuDNN convolutions on
+    CUDA, as most trainers run: on Ampere and later several times the float32 throughput."""
+    torch.set_float32_matmul_precision("high" if enabled else "highest")
+    torch.backends.cudnn.allow_tf32 = enabled
 
 
 def derived_seed(seed: int, *coordinates: int) -> int:
@@ -130,7 +135,13 @@ class Trainer:
 
         torch.manual_seed(config.seed)  # the initial weights
         model, self.diffusion = build(config, dataset.shape, dataset.levels)
+        # the step's tables, built before the step is compiled: built inside it, they would be in its
+        # first graph (with a host-to-device copy) and their cache's change would recompile it
+        self.diffusion.schedule.coefficients(self.device, torch.float32)
         cuda = self.device.type == "cuda"
+        self.config = config = replace(config, tf32=cuda if config.tf32 is None else config.tf32)
+        if cuda:
+            use_tf32(config.tf32)
         memory_format = torch.channels_last if (cuda if config.channels_last is None else config.channels_last) \
             else torch.preserve_format
         self.model = model.to(self.device, memory_format=memory_format).train()
@@ -143,7 +154,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, fused=True)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.timestep_sampler = sampler_by_name(config.timestep_sampler, self.diffusion.num_timesteps, self.device)
-        self.key = noise_key(config.seed, self.rank * self.local_batch, 0, self.device)
+        self.key = rng.noise_key(config.seed, self.rank * self.local_batch, 0, self.device)
         compiled = cuda if config.compile is None else config.compile
         self.losses = torch.compile(self._losses) if compiled else self._losses
         self.step, self._epoch, self._order = 0, -1, None
@@ -154,7 +165,7 @@ class Trainer:
     # ---- one step ---------------------------------------------------------------------------
 
     def _losses(self, x0, t, weights, key):
-        dtype = AUTOCAST[self.config.precision]
+        dtype = options.PRECISIONS[self.config.precision]
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         with autocast:
             terms = self.diffusion.training_losses(self.net, x0, t, weights=weights, key=key)

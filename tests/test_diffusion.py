@@ -297,7 +297,7 @@ def test_bad_inputs_raise_clear_errors(schedule):
     t = every_t(5)
     model = lambda x, s: torch.zeros_like(x)  # noqa: E731
     cases = [
-        (lambda: d.q_sample(x0, t, images(4)), r"noise has shape \(4, 3, 4, 4\), expected \(5, 3, 4, 4\)"),
+        (lambda: d.q_sample(x0, t, images(4)), r"noise must be float64 \(5, 3, 4, 4\) on cpu like x0, got float64 \(4, 3, 4, 4\)"),
         (lambda: d.q_sample(x0, torch.tensor([0, 1, 2, 3, T])), r"t out of range.*\[0, 99\]"),
         (lambda: d.q_sample(x0, torch.tensor([0, 1, 2, 3, -1])), "t out of range"),
         (lambda: d.q_sample(x0, t.float()), "t must be an int64 tensor"),

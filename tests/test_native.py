@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from fastddpm import reference, rng
+from fastddpm import options, reference, rng
 from fastddpm.schedule import Coefficients, NoiseSchedule
 
 try:
@@ -28,9 +28,9 @@ except ImportError as error:  # not built: these tests skip, unless CI requires 
 
 native = pytest.mark.skipif(_native is None, reason=f"fastddpm._native is not built: {IMPORT_ERROR}")
 
-PREDICTION = {"eps": 0, "x0": 1, "v": 2}
-VARIANCE = {"fixed_small": 0, "fixed_large": 1, "learned_range": 2}
-DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+PREDICTION = {name: options.code(name, options.PREDICTIONS) for name in options.PREDICTIONS}
+VARIANCE = {name: options.code(name, options.VARIANCES) for name in options.VARIANCES}
+DTYPE = {dtype: options.code(dtype, options.MODEL_DTYPES) for dtype in options.MODEL_DTYPES}
 SHAPE = (3, 5, 7)  # N = 105: Q = 27, the last quarter short
 T = 1000
 ETAS = (None, 0.0, 0.5, 1.0)  # DDPM, DDIM η = 0, 0.5, 1
@@ -94,16 +94,14 @@ def native_q_sample(x0, t, coef, noise=None, seed=0, sample_base=0, step=0):
     return out
 
 
-def native_eps_loss(pred, pred_batch_stride, x0, t, coef, noise=None, seed=0, sample_base=0, step=0, *,
-                    prediction, weights=None, grad_scale=1.0, want_grad=True):
-    """(per-sample MSE [B], grad [B, N] or None); ``pred`` is the buffer holding the predictions."""
+def native_simple_loss(pred, pred_batch_stride, x0, t, coef, noise=None, seed=0, sample_base=0, step=0, *, prediction):
+    """(per-sample MSE [B], its gradient [B, N]); ``pred`` is the buffer holding the predictions."""
     B, N = x0.shape[0], x0[0].numel()
-    per_sample = torch.empty(B)
-    grad = torch.empty(B, N) if want_grad else None
-    _native.eps_loss(
-        per_sample.data_ptr(), ptr(grad), pred.data_ptr(), DTYPE[pred.dtype], pred_batch_stride, x0.data_ptr(),
+    per_sample, grad = torch.empty(B), torch.empty(B, N)
+    _native.simple_loss(
+        per_sample.data_ptr(), grad.data_ptr(), pred.data_ptr(), DTYPE[pred.dtype], pred_batch_stride, x0.data_ptr(),
         t.data_ptr(), coef.table.data_ptr(), coef.num_timesteps, B, N, ptr(noise), seed, sample_base, step,
-        PREDICTION[prediction], ptr(weights), grad_scale,
+        PREDICTION[prediction],
     )
     return per_sample, grad
 
@@ -128,8 +126,11 @@ def test_native_extension_is_built_where_required():
 
 
 @native
-def test_table_rows_are_the_schedules():
-    assert _native.row_names() == Coefficients.row_names()
+def test_the_codes_and_rows_are_the_python_ones():
+    names = _native.names()
+    assert names["rows"] == Coefficients.row_names()
+    assert names["predictions"] == options.PREDICTIONS and names["variances"] == options.VARIANCES
+    assert names["model_dtypes"] == tuple(str(d).removeprefix("torch.") for d in options.MODEL_DTYPES)
 
 
 @native
@@ -283,37 +284,32 @@ def test_q_sample_matches_reference(coef):
                      rtol=1e-5, atol=1e-5)
 
 
-# ---- eps_loss ------------------------------------------------------------------------------------
+# ---- simple_loss ---------------------------------------------------------------------------------
 
 
 @native
 @pytest.mark.parametrize("prediction", list(PREDICTION))
-def test_eps_loss_matches_reference_and_autograd(coef, prediction):
+def test_simple_loss_matches_reference_and_autograd(coef, prediction):
     batch, seed, base, step = 7, 99, 3, 5000
-    cases = itertools.product((False, True), (1, 2), DTYPE, (False, True))
-    for i, (weighted, channels, dtype, generated) in enumerate(cases):
+    cases = itertools.product((1, 2), DTYPE, (False, True))
+    for i, (channels, dtype, generated) in enumerate(cases):
         g = gen(i)
         x0 = torch.rand(batch, *SHAPE, generator=g) * 2 - 1
         z = contract_noise(seed, base, [step] * batch, rng.STREAM_TRAIN) if generated else torch.randn(x0.shape, generator=g)
         t = timesteps(batch, seed=i)
-        weights = torch.rand(batch, generator=g) + 0.5 if weighted else None
         # with channels = 2, pred is the mean half of a learned-range output: batch stride 2N
         full = torch.randn(batch, channels * SHAPE[0], *SHAPE[1:], generator=g).to(dtype)
         pred = full[:, : SHAPE[0]]
-        grad_scale = 0.25
-        per_sample, grad = native_eps_loss(full, full[0].numel(), x0, t, coef, None if generated else z, seed, base,
-                                           step, prediction=prediction, weights=weights, grad_scale=grad_scale)
+        per_sample, grad = native_simple_loss(full, full[0].numel(), x0, t, coef, None if generated else z, seed, base,
+                                              step, prediction=prediction)
 
         pred_ref = pred.float().requires_grad_()
-        loss, expected = reference.simple_loss(pred_ref, x0, z, t, coef, prediction=prediction, weights=weights)
-        (loss * grad_scale).backward()
-        tol = {"rtol": 1e-5 if generated else 1e-6, "atol": 1e-7}
-        assert_close(per_sample, expected.detach(), **tol)
-        assert_close(grad.view_as(pred), pred_ref.grad, rtol=1e-5 if generated else 2e-6, atol=1e-9)
-
-        no_grad, _ = native_eps_loss(full, full[0].numel(), x0, t, coef, None if generated else z, seed, base, step,
-                                     prediction=prediction, weights=weights, want_grad=False)
-        assert torch.equal(no_grad, per_sample)
+        _, expected = reference.simple_loss(pred_ref, x0, z, t, coef, prediction=prediction)
+        expected.sum().backward()  # d MSE_b / d pred, each sample's own
+        assert_close(per_sample, expected.detach(), rtol=1e-5 if generated else 1e-6, atol=1e-7)
+        # generated ε is the contract's to 1e-5, and the gradient is 2 (pred − ε) / N
+        atol = 2 * 1e-5 / x0[0].numel() if generated else 1e-9
+        assert_close(grad.view_as(pred), pred_ref.grad, rtol=1e-5 if generated else 2e-6, atol=atol)
 
 
 @native
@@ -328,7 +324,7 @@ def test_per_sample_sums_do_not_depend_on_the_thread_count():
         results = []
         for n in (1, max(threads, 2)):
             torch.set_num_threads(n)  # the same OpenMP runtime as torch's
-            results.append(native_eps_loss(pred, pred[0].numel(), x0, t, coef, None, 1, 0, 2, prediction="v")[0])
+            results.append(native_simple_loss(pred, pred[0].numel(), x0, t, coef, None, 1, 0, 2, prediction="v")[0])
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0], results[1])

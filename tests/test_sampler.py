@@ -221,7 +221,7 @@ def test_distributed_ranks_all_return_the_single_process_images(model, diffusion
 
 
 @pytest.mark.parametrize("options, name", [
-    ({"precision": "x"}, "precision must be one of fp32, bf16, fp16, got 'x'"),
+    ({"precision": "x"}, "unknown precision 'x'; expected one of: fp32, bf16, fp16"),
     ({"precision": torch.float16}, "precision"),
     ({"batch_size": 0}, "batch_size"),
     ({"batch_size": 2.0}, "batch_size"),

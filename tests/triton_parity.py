@@ -9,11 +9,14 @@ before triton is imported) or compiled on CUDA (``FASTDDPM_TRITON_DEVICE=cuda``)
 
 With ``FASTDDPM_TRITON_DEVICE=aot`` (no interpreter, no GPU needed) only
 `test_kernels_compile_for_cuda` runs: every constexpr variant of every kernel is compiled
-for sm_90 through ptxas, which catches what the interpreter accepts but the compiler does not.
+for sm_90 through ptxas, which catches what the interpreter accepts but the compiler does not,
+and each thread's share of Philox is counted in the PTX.
 
-The reference always runs on the CPU in float32 (and float64 where float32 is not accurate
-enough to judge); the kernels get the same inputs on DEVICE. Sizes are small and odd (3×5×7,
-Q = 27 with a short last quarter; batch 1 and 7) because the interpreter is slow.
+The launchers are called as the operators call them (``fastddpm.kernels.<op>.triton_<op>``,
+the operator's arguments, checked). The reference always runs on the CPU in float32 (and
+float64 where float32 is not accurate enough to judge); the kernels get the same inputs on
+DEVICE. Sizes are small and odd (3×5×7: Q = 27 with a short last quarter; batch 1 and 7)
+because the interpreter is slow; 3×20×20 gives two blocks per sample, the last one ragged.
 """
 
 from __future__ import annotations
@@ -21,8 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-import sys
-from pathlib import Path
+import re
 
 MODE = os.environ.get("FASTDDPM_TRITON_DEVICE", "cpu")  # "cpu" (interpreted), "cuda" or "aot"
 if MODE == "cpu":
@@ -36,28 +38,11 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-ROOT = Path(__file__).resolve().parents[1]
-if (ROOT / "kernels" / "triton" / "__init__.py").exists():  # a checkout: test its kernels
-    sys.path.insert(0, str(ROOT))
-    from kernels.triton import eps_loss as eps_loss_mod  # noqa: E402
-    from kernels.triton import noise as noise_mod  # noqa: E402
-    from kernels.triton import ops as triton_ops  # noqa: E402
-    from kernels.triton import q_sample as q_sample_mod  # noqa: E402
-    from kernels.triton import reverse_step as reverse_step_mod  # noqa: E402
-    from kernels.triton import vlb_terms as vlb_mod  # noqa: E402
-else:  # an installed package
-    from fastddpm.kernels.triton import eps_loss as eps_loss_mod  # noqa: E402
-    from fastddpm.kernels.triton import noise as noise_mod  # noqa: E402
-    from fastddpm.kernels.triton import ops as triton_ops  # noqa: E402
-    from fastddpm.kernels.triton import q_sample as q_sample_mod  # noqa: E402
-    from fastddpm.kernels.triton import reverse_step as reverse_step_mod  # noqa: E402
-    from fastddpm.kernels.triton import vlb_terms as vlb_mod  # noqa: E402
-
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fastddpm import NoiseSchedule, reference, rng  # noqa: E402
-from fastddpm import ops as fastddpm_ops  # noqa: E402
+from fastddpm.kernels import q_sample, reverse_step, simple_loss, triton_common, vlb_terms  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if MODE not in ("cpu", "cuda", "aot"):
@@ -75,6 +60,7 @@ TOL_LOSS = dict(rtol=1e-5, atol=1e-7)
 TOL_VLB = dict(rtol=1e-5, atol=1e-7)  # bits/dim; atol for KLs near 0 (−1 + e^δ − δ cancels)
 
 SHAPE = (3, 5, 7)  # N = 105, Q = 27: the last quarter is 24 long
+TWO_BLOCKS = (3, 20, 20)  # N = 1200, Q = 300: blocks of 256 groups, the second ragged
 N = 105
 B = 7
 T = 1000
@@ -120,72 +106,104 @@ def close(actual, expected, **tol):
     torch.testing.assert_close(actual.detach().cpu(), expected.detach().cpu(), **tol)
 
 
+def key(seed, sample_base=0, step=0):
+    return rng.noise_key(seed, sample_base, step, DEVICE)
+
+
 def contract_noise(seed, sample_base, steps, stream, shape):
     """rng.normal sample by sample: sample b at step steps[b] (the reverse step's z uses t[b])."""
     return torch.cat([rng.normal(seed, torch.tensor([sample_base + b]), int(s), stream, shape) for b, s in enumerate(steps)])
 
 
-# ---- the noise contract -------------------------------------------------------------------
+# ---- the noise contract (the jit helpers every kernel draws with, in test kernels) ----------------
+
+
+@triton.jit
+def _words_kernel(out_ptr, key_ptr, Q, stream, blocks, BLOCK_G: tl.constexpr):
+    b, g = triton_common.sample_and_groups(blocks, BLOCK_G)
+    r0, r1, r2, r3 = triton_common.philox_words4(tl.load(key_ptr), tl.load(key_ptr + 1) + b, tl.load(key_ptr + 2),
+                                                 stream, g)
+    row = out_ptr + b.to(tl.int64) * 4 * Q
+    tl.store(row + g, r0.to(tl.int32, bitcast=True), mask=g < Q)
+    tl.store(row + Q + g, r1.to(tl.int32, bitcast=True), mask=g < Q)
+    tl.store(row + 2 * Q + g, r2.to(tl.int32, bitcast=True), mask=g < Q)
+    tl.store(row + 3 * Q + g, r3.to(tl.int32, bitcast=True), mask=g < Q)
+
+
+@triton.jit
+def _normal_kernel(out_ptr, key_ptr, N, Q, stream, blocks, BLOCK_G: tl.constexpr):
+    b, g = triton_common.sample_and_groups(blocks, BLOCK_G)
+    z = triton_common.normals4(tl.load(key_ptr), tl.load(key_ptr + 1) + b, tl.load(key_ptr + 2), stream, g)
+    for j in tl.static_range(4):
+        e, mask = triton_common.quarter(j, g, N, Q)
+        tl.store(out_ptr + b.to(tl.int64) * N + e, z[j], mask=mask)
+
+
+def philox_words(batch, numel, seed, sample_base=0, step=0, stream=0):
+    """The kernels' raw Philox outputs [batch, 4, Q] as uint32 values in int64, like `rng.philox_words`."""
+    q, block, warps = triton_common.launch_config(numel)
+    grid, blocks = triton_common.grid(batch, q, block)
+    out = torch.empty((batch, 4, q), device=DEVICE, dtype=torch.int32)
+    _words_kernel[grid](out, key(seed, sample_base, step), q, stream, blocks, BLOCK_G=block, num_warps=warps)
+    return out.to(torch.int64) & 0xFFFFFFFF
+
+
+def normal(batch, shape, seed, sample_base=0, step=0, stream=0):
+    numel = math.prod(shape)
+    q, block, warps = triton_common.launch_config(numel)
+    grid, blocks = triton_common.grid(batch, q, block)
+    out = torch.empty((batch, *shape), device=DEVICE)
+    _normal_kernel[grid](out, key(seed, sample_base, step), numel, q, stream, blocks, BLOCK_G=block, num_warps=warps)
+    return out
+
 
 SEEDS = [0, 5, 2**31 + 3, 2**32 + 7, 2**63 + 11, 2**64 - 1]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
 def test_philox_words_bit_for_bit(seed):
-    for numel, sample_base, step, stream in [(105, 0, 0, 0), (4, 9, 17, 1), (1, 2**32 - 3, 999, 2), (9, 2**40 + 1, 2**33 + 5, 7)]:
-        words = noise_mod.philox_words(3, numel, seed, sample_base, step, stream, device=DEVICE)
-        ref = rng.philox_words(seed, torch.arange(3) + sample_base, step, stream, numel)
-        assert words.dtype == torch.int64 and words.shape == ref.shape
-        assert torch.equal(words.cpu(), ref), (seed, numel, sample_base, step, stream)
+    for numel, sample_base, step, stream in [(105, 0, 0, 0), (4, 9, 17, 1), (1, 2**32 - 3, 999, 2),
+                                             (1200, 2**40 + 1, 2**33 + 5, 7)]:
+        words = philox_words(3, numel, seed, sample_base, step, stream)
+        expected = rng.philox_words(seed, torch.arange(3) + sample_base, step, stream, numel)
+        assert words.dtype == torch.int64 and words.shape == expected.shape
+        assert torch.equal(words.cpu(), expected), (seed, numel, sample_base, step, stream)
 
 
 def test_philox_known_answer():
-    """Random123's philox4x32-10 vector for counter 0 / key 0, through the kernel."""
-    words = noise_mod.philox_words(1, 1, 0, device=DEVICE)
-    assert words[0, :, 0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+    """Random123's philox4x32-10 vector for counter 0 / key 0, through a kernel."""
+    assert philox_words(1, 1, 0)[0, :, 0].tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
-@pytest.mark.parametrize("batch,shape", [(1, SHAPE), (7, SHAPE), (2, (1,)), (3, (2, 3)), (1, (4, 64))])
+@pytest.mark.parametrize("batch,shape", [(1, SHAPE), (7, SHAPE), (2, (1,)), (3, (2, 3)), (2, TWO_BLOCKS)])
 def test_normal_matches_contract(batch, shape):
     for seed, base, step, stream in [(1234, 0, T, rng.STREAM_PRIOR), (2**64 - 1, 2**32 - 2, 3, rng.STREAM_TRAIN)]:
-        z = noise_mod.normal(batch, shape, seed, base, step, stream, device=DEVICE)
-        assert z.shape == (batch, *shape) and z.dtype == torch.float32
+        z = normal(batch, shape, seed, base, step, stream)
         close(z, rng.normal(seed, torch.arange(batch) + base, step, stream, shape), **TOL_NOISE)
 
 
-def test_normal_reads_its_coordinates_from_a_key_tensor():
-    for seed, base, step, stream in [(1234, 5, T, 0), (2**62 + 1, 2**32 + 3, 2**33 + 7, 2)]:
-        key = torch.tensor([seed, base, step], dtype=torch.int64, device=DEVICE)
-        z = noise_mod.normal(3, SHAPE, key=key, stream=stream, device=DEVICE)
-        assert torch.equal(z, noise_mod.normal(3, SHAPE, seed, base, step, stream, device=DEVICE))
-        close(z, rng.normal(seed, torch.arange(3) + base, step, stream, SHAPE), **TOL_NOISE)
-
-
 def test_normal_is_batch_invariant():
-    batch = noise_mod.normal(7, SHAPE, 99, 10, 4, 1, device=DEVICE)
+    batch = normal(7, SHAPE, 99, 10, 4, 1)
     for b in (0, 3, 6):
-        alone = noise_mod.normal(1, SHAPE, 99, 10 + b, 4, 1, device=DEVICE)
-        assert torch.equal(alone[0], batch[b])
-
-
-def test_normal_block_size_does_not_change_values():
-    a = noise_mod.normal(2, 1000, 7, device=DEVICE)
-    b = noise_mod.normal(2, 1000, 7, device=DEVICE, block_g=16)
-    assert torch.equal(a, b)
+        assert torch.equal(normal(1, SHAPE, 99, 10 + b, 4, 1)[0], batch[b])
 
 
 # ---- reverse_step ---------------------------------------------------------------------------
 
 
-def step_inputs(variance, seed=0):
+def step_inputs(variance, seed=0, shape=SHAPE, batch=B):
     g = gen(seed)
-    x = torch.randn(B, *SHAPE, generator=g)
-    channels = 2 * SHAPE[0] if variance == "learned_range" else SHAPE[0]
-    model_out = torch.randn(B, channels, *SHAPE[1:], generator=g)
+    x = torch.randn(batch, *shape, generator=g)
+    channels = 2 * shape[0] if variance == "learned_range" else shape[0]
+    model_out = torch.randn(batch, channels, *shape[1:], generator=g)
     if variance == "learned_range":
-        model_out[:, SHAPE[0]:] = torch.rand(B, SHAPE[0], *SHAPE[1:], generator=g) * 2 - 1
-    z = torch.randn(B, *SHAPE, generator=g)
-    return x, model_out, torch.tensor(T_MIX), z
+        model_out[:, shape[0]:] = torch.rand(batch, shape[0], *shape[1:], generator=g) * 2 - 1
+    z = torch.randn(batch, *shape, generator=g)
+    return x, model_out, torch.tensor(T_MIX[:batch]), z
+
+
+def triton_step(x, model_out, t, table, z, key_, prediction, variance, clip, eta):
+    return reverse_step.triton_reverse_step(*dev(x, model_out, t), table, dev(z), key_, prediction, variance, clip, eta)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -198,7 +216,7 @@ def test_reverse_step_matches_reference(coef, table, prediction, variance, clip,
     for dtype in DTYPES:
         mo = model_out.to(dtype)
         expected = reference.reverse_step(x, mo.float(), t, z, coef, **opts)  # the ABI: float32 arithmetic
-        out = reverse_step_mod.reverse_step(*dev(x, mo, t), table, dev(z), **opts)
+        out = triton_step(x, mo, t, table, z, None, *opts.values())
         assert out.shape == x.shape and out.dtype == torch.float32
         close(out, expected, **TOL_STEP, msg=lambda m: f"{dtype}: {m}")
 
@@ -206,78 +224,73 @@ def test_reverse_step_matches_reference(coef, table, prediction, variance, clip,
 @pytest.mark.parametrize("case", [("eps", "fixed_small", False, None), ("v", "learned_range", True, None),
                                   ("x0", "fixed_large", True, 0.5), ("eps", "learned_range", False, 1.0)])
 def test_reverse_step_draws_the_contract_noise(coef, table, case):
-    prediction, variance, clip, eta = case
-    opts = dict(prediction=prediction, variance=variance, clip_denoised=clip, eta=eta)
-    x, model_out, t, _ = step_inputs(variance, seed=1)
+    x, model_out, t, _ = step_inputs(case[1], seed=1)
     for seed, base in [(2024, 0), (2**63 + 5, 2**32 - 3)]:
         z = contract_noise(seed, base, T_MIX, rng.STREAM_REVERSE, SHAPE)
-        expected = reference.reverse_step(x, model_out, t, z, coef, **opts)
-        out = reverse_step_mod.reverse_step(*dev(x, model_out, t), table, None, seed, base, **opts)
+        expected = reference.reverse_step(x, model_out, t, z, coef, prediction=case[0], variance=case[1],
+                                          clip_denoised=case[2], eta=case[3])
+        out = triton_step(x, model_out, t, table, None, key(seed, base, 12345), *case)  # the key's step is unused
         close(out, expected, **TOL_NOISE)
-        # the same coordinates read by the kernel from a key tensor (its step is unused)
-        key = fastddpm_ops.noise_key(seed, base, 12345, DEVICE)
-        assert torch.equal(reverse_step_mod.reverse_step(*dev(x, model_out, t), table, key=key, **opts), out)
         # batch invariance: sample b alone (sample_base + b) gives the same bits as in the batch
         for b in (1, 4):
-            alone = reverse_step_mod.reverse_step(*dev(x[b:b + 1], model_out[b:b + 1], t[b:b + 1]), table, None,
-                                                  seed, base + b, **opts)
+            alone = triton_step(x[b:b + 1], model_out[b:b + 1], t[b:b + 1], table, None, key(seed, base + b), *case)
             assert torch.equal(alone[0], out[b])
 
 
 def test_reverse_step_layouts(coef, table):
-    """Strided inputs: a non-contiguous x_t is copied; a channels-last model output is copied;
-    a learned-range output with a padded batch stride is used in place."""
+    """A non-contiguous x_t is copied; a channels-last model output, and a learned-range output with
+    a padded batch stride, are read in place."""
     x, model_out, t, z = step_inputs("learned_range", seed=2)
-    opts = dict(prediction="eps", variance="learned_range", clip_denoised=True)
-    expected = reference.reverse_step(x, model_out, t, z, coef, **opts)
+    opts = ("eps", "learned_range", True, None)
+    expected = reference.reverse_step(x, model_out, t, z, coef, prediction="eps", variance="learned_range",
+                                      clip_denoised=True)
     x_nc = x.transpose(2, 3).contiguous().transpose(2, 3)
     padded = torch.zeros(B, 2 * SHAPE[0] + 1, *SHAPE[1:])
     padded[:, : 2 * SHAPE[0]] = model_out
     for mo in (model_out.to(memory_format=torch.channels_last), padded[:, : 2 * SHAPE[0]]):
-        out = reverse_step_mod.reverse_step(dev(x_nc), dev(mo), dev(t), table, dev(z), **opts)
-        close(out, expected, **TOL_STEP)
-    flat = reverse_step_mod.reverse_step(*dev(x.reshape(B, N), model_out.reshape(B, 2 * N), t), table,
-                                         dev(z.reshape(B, N)), **opts)
+        close(triton_step(x_nc, mo, t, table, z, None, *opts), expected, **TOL_STEP)
+    flat = triton_step(x.reshape(B, N), model_out.reshape(B, 2 * N), t, table, z.reshape(B, N), None, *opts)
     close(flat, expected.reshape(B, N), **TOL_STEP)
 
 
 def test_reverse_step_single_sample_and_tiny_images(coef, table):
-    opts = dict(prediction="v", variance="fixed_large", clip_denoised=False)
     g = gen(3)
     for shape in [(1,), (2,), (5,), (3, 2, 2)]:
         x, mo, z = (torch.randn(1, *shape, generator=g) for _ in range(3))
         for t in ([0], [T - 1], [1]):
             t = torch.tensor(t)
-            expected = reference.reverse_step(x, mo, t, z, coef, **opts)
-            close(reverse_step_mod.reverse_step(*dev(x, mo, t), table, dev(z), **opts), expected, **TOL_STEP)
+            expected = reference.reverse_step(x, mo, t, z, coef, prediction="v", variance="fixed_large",
+                                              clip_denoised=False)
+            close(triton_step(x, mo, t, table, z, None, "v", "fixed_large", False, None), expected, **TOL_STEP)
 
 
-def test_multi_block_grids(coef, table):
-    """Several programs per sample (block_g=8: Q = 27 over 4 programs, the last one ragged)."""
-    x, model_out, t, z = step_inputs("learned_range", seed=9)
-    opts = dict(prediction="v", variance="learned_range", clip_denoised=True)
+def test_a_timestep_outside_the_table_reads_nothing_outside_it(coef, table):
+    """The kernels never load past the table: such a sample comes out NaN (the operator's check is
+    what reports it; here the launcher is called directly)."""
+    x, model_out, _, z = step_inputs("fixed_small", seed=5, batch=3)
+    out = triton_step(x, model_out, torch.tensor([5, T, -1]), table, z, None, "eps", "fixed_small", True, None)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
+
+
+def test_two_blocks_per_sample(coef, table):
+    """Samples over two programs, the second ragged: every op against the reference."""
+    x, model_out, t, z = step_inputs("learned_range", seed=9, shape=TWO_BLOCKS, batch=3)
     for eta in (None, 0.5):
-        expected = reference.reverse_step(x, model_out, t, z, coef, **opts, eta=eta)
-        for noise in (dev(z), None):
-            small = reverse_step_mod.reverse_step(*dev(x, model_out, t), table, noise, 3, 4, **opts, eta=eta, block_g=8)
-            default = reverse_step_mod.reverse_step(*dev(x, model_out, t), table, noise, 3, 4, **opts, eta=eta)
-            assert torch.equal(small, default)
-        close(reverse_step_mod.reverse_step(*dev(x, model_out, t), table, dev(z), **opts, eta=eta, block_g=8),
-              expected, **TOL_STEP)
+        expected = reference.reverse_step(x, model_out, t, z, coef, prediction="v", variance="learned_range",
+                                          clip_denoised=True, eta=eta)
+        close(triton_step(x, model_out, t, table, z, None, "v", "learned_range", True, eta), expected, **TOL_STEP)
     x0 = x.clamp(-1, 1)
-    close(q_sample_mod.q_sample(*dev(x0, t), table, dev(z), block_g=8), reference.q_sample(x0, t, z, coef), **TOL_STEP)
-    p = model_out[:, : SHAPE[0]].clone().requires_grad_()
-    w = torch.rand(B, generator=gen(9))
-    loss, per_sample = reference.simple_loss(p, x0, z, t, coef, prediction="v", weights=w)
-    loss.backward()
-    got, grad = eps_loss_mod.eps_loss(*dev(model_out[:, : SHAPE[0]], x0, t), table, dev(w), dev(z), prediction="v",
-                                      block_g=8)
-    close(got, per_sample, **TOL_LOSS)
-    close(grad, p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item())
-    x0, x_t, t, model_out = vlb_inputs(coef, "eps", "learned_range", 0.3, seed=9)
-    vopts = dict(prediction="eps", variance="learned_range", clip_denoised=False, levels=256)
-    close(vlb_mod.vlb_terms(*dev(model_out, x0, x_t, t), table, **vopts, block_g=8),
-          reference.vlb_terms(model_out, x0, x_t, t, coef, **vopts), **TOL_VLB)
+    close(q_sample.triton_q_sample(*dev(x0, t), table, dev(z), None), reference.q_sample(x0, t, z, coef), **TOL_STEP)
+    pred = model_out[:, : TWO_BLOCKS[0]]
+    per_sample, grad = simple_loss.triton_simple_loss(*dev(pred, x0, t), table, dev(z), None, "v")
+    ref, expected_grad = simple_loss.reference_simple_loss(pred, x0, t, table.cpu(), z, None, "v")
+    close(per_sample, ref, **TOL_LOSS)
+    close(grad, expected_grad, rtol=1e-5, atol=1e-5 * expected_grad.abs().max().item())
+    x0, x_t, t, model_out = vlb_inputs(coef, "eps", "learned_range", 0.3, seed=9, shape=TWO_BLOCKS, batch=3)
+    args = ("eps", "learned_range", False, 256)
+    close(vlb_terms.triton_vlb_terms(*dev(model_out, x0, x_t, t), table, *args),
+          reference.vlb_terms(model_out, x0, x_t, t, coef, prediction="eps", variance="learned_range",
+                              clip_denoised=False, levels=256), **TOL_VLB)
 
 
 # ---- q_sample -------------------------------------------------------------------------------
@@ -288,90 +301,70 @@ def test_q_sample_matches_reference(coef, table, batch):
     g = gen(4)
     x0, eps = torch.randn(batch, *SHAPE, generator=g), torch.randn(batch, *SHAPE, generator=g)
     t = torch.tensor(T_MIX[:batch])
-    close(q_sample_mod.q_sample(*dev(x0, t), table, dev(eps)), reference.q_sample(x0, t, eps, coef), **TOL_STEP)
+    close(q_sample.triton_q_sample(*dev(x0, t), table, dev(eps), None), reference.q_sample(x0, t, eps, coef), **TOL_STEP)
     for seed, base, step in [(7, 0, 0), (2**64 - 1, 2**32 - 1, 123456)]:
         eps = rng.normal(seed, torch.arange(batch) + base, step, rng.STREAM_TRAIN, SHAPE)
-        out = q_sample_mod.q_sample(*dev(x0, t), table, None, seed, base, step)
+        out = q_sample.triton_q_sample(*dev(x0, t), table, None, key(seed, base, step))
         close(out, reference.q_sample(x0, t, eps, coef), **TOL_NOISE)
-        key = fastddpm_ops.noise_key(seed, base, step, DEVICE)
-        assert torch.equal(q_sample_mod.q_sample(*dev(x0, t), table, key=key), out)
 
 
-# ---- eps_loss -------------------------------------------------------------------------------
-
-
-def loss_inputs(batch, dtype, strided, seed):
-    g = gen(seed)
-    x0 = torch.rand(batch, *SHAPE, generator=g) * 2 - 1
-    out = torch.randn(batch, 2 * SHAPE[0], *SHAPE[1:], generator=g).to(dtype)
-    pred = out[:, : SHAPE[0]] if strided else out[:, : SHAPE[0]].contiguous()
-    return x0, pred, torch.tensor(T_MIX[:batch]), torch.rand(batch, generator=g) + 0.5
+# ---- simple_loss ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_eps_loss_matches_autograd(coef, table, prediction, dtype):
-    cases = itertools.product([7, 1], ["tensor", "contract"], [False, True])
-    for i, (batch, noise_mode, weighted) in enumerate(cases):
-        x0, pred, t, w = loss_inputs(batch, dtype, strided=i % 2 == 0, seed=10 + i)
-        w = w if weighted else None
+def test_simple_loss_matches_autograd(coef, table, prediction, dtype):
+    for i, (batch, noise_mode, layout) in enumerate(itertools.product([7, 1], ["tensor", "contract"],
+                                                                      ["half", "dense", "channels_last"])):
+        g = gen(10 + i)
+        x0 = torch.rand(batch, *SHAPE, generator=g) * 2 - 1
+        out = torch.randn(batch, 2 * SHAPE[0], *SHAPE[1:], generator=g).to(dtype)
+        pred = {"half": out[:, : SHAPE[0]], "dense": out[:, : SHAPE[0]].contiguous(),
+                "channels_last": out.to(memory_format=torch.channels_last)[:, : SHAPE[0]]}[layout]
+        t = torch.tensor(T_MIX[:batch])
         if noise_mode == "tensor":
-            eps = torch.randn(batch, *SHAPE, generator=gen(20 + i))
-            kw = dict(noise=dev(eps))
+            eps, noise, key_ = torch.randn(batch, *SHAPE, generator=gen(20 + i)), None, None
+            noise = eps
         else:
             seed, base, step = 2**63 + i, 2**32 - 2, 31337
-            eps = rng.normal(seed, torch.arange(batch) + base, step, rng.STREAM_TRAIN, SHAPE)
-            kw = dict(seed=seed, sample_base=base, step=step)
+            eps, noise, key_ = rng.normal(seed, torch.arange(batch) + base, step, rng.STREAM_TRAIN, SHAPE), None, key(
+                seed, base, step)
         p = pred.float().requires_grad_()
-        loss, per_sample = reference.simple_loss(p, x0, eps, t, coef, prediction=prediction, weights=w)
-        loss.backward()
-        got, grad = eps_loss_mod.eps_loss(*dev(pred, x0, t), table, dev(w) if w is not None else None,
-                                          prediction=prediction, **kw)
-        msg = f"batch={batch} noise={noise_mode} weighted={weighted}"
-        assert got.shape == (batch,) and grad.shape == pred.shape and grad.dtype == torch.float32
-        close(got, per_sample, **TOL_LOSS, msg=lambda m: f"{msg}: {m}")
+        _, expected = reference.simple_loss(p, x0, eps, t, coef, prediction=prediction)
+        expected.sum().backward()  # each sample's d MSE_b / d pred
+        got, grad = simple_loss.triton_simple_loss(*dev(pred, x0, t), table, dev(noise), key_, prediction)
+        msg = f"batch={batch} noise={noise_mode} layout={layout}"
+        assert got.shape == (batch,) and grad.shape == x0.shape and grad.dtype == torch.float32
+        close(got, expected, **TOL_LOSS, msg=lambda m: f"{msg}: {m}")
         close(grad, p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item(), msg=lambda m: f"{msg}: {m}")
-        # the regenerate-in-backward variant: grad = 2 (pred − target) c with c = w / (B·N)
-        c = (w if w is not None else torch.ones(batch)) / (batch * N)
-        grad2 = eps_loss_mod.eps_loss_grad(*dev(pred, x0, t), table, dev(c), prediction=prediction, **kw)
-        close(grad2, p.grad, rtol=1e-5, atol=1e-5 * p.grad.abs().max().item(), msg=lambda m: f"{msg}: {m}")
-        _, none = eps_loss_mod.eps_loss(*dev(pred, x0, t), table, prediction=prediction, compute_grad=False, **kw)
-        assert none is None
-        if noise_mode == "contract":  # the coordinates from a key tensor instead (the seed fits int64 after wrap)
-            key = torch.tensor([kw["seed"] - 2**64, kw["sample_base"], kw["step"]], dtype=torch.int64, device=DEVICE)
-            got_k, grad_k = eps_loss_mod.eps_loss(*dev(pred, x0, t), table, dev(w) if w is not None else None,
-                                                  key=key, prediction=prediction)
-            assert torch.equal(got_k, got) and torch.equal(grad_k, grad)
 
 
-def test_eps_loss_regenerates_q_samples_noise(table):
-    """x_t from q_sample and the ε eps_loss regenerates share coordinates: predicting that ε is free."""
+def test_simple_loss_regenerates_q_samples_noise(table):
+    """x_t from q_sample and the ε simple_loss regenerates share coordinates: predicting that ε is free."""
     g = gen(5)
     x0, t = torch.rand(B, *SHAPE, generator=g) * 2 - 1, torch.tensor(T_MIX)
-    seed, base, step = 77, 1000, 5
-    eps = noise_mod.normal(B, SHAPE, seed, base, step, rng.STREAM_TRAIN, device=DEVICE)
-    per_sample, grad = eps_loss_mod.eps_loss(eps, dev(x0), dev(t), table, seed=seed, sample_base=base, step=step,
-                                             prediction="eps")
+    eps = normal(B, SHAPE, 77, 1000, 5, rng.STREAM_TRAIN)
+    per_sample, grad = simple_loss.triton_simple_loss(eps, *dev(x0, t), table, None, key(77, 1000, 5), "eps")
     # (identical in the interpreter; compiled, two kernels might round Box–Muller differently by an ulp)
     assert per_sample.abs().max().item() < 1e-12 and grad.abs().max().item() < 1e-8
-    x_t = q_sample_mod.q_sample(dev(x0), dev(t), table, None, seed, base, step)
-    close(x_t, q_sample_mod.q_sample(dev(x0), dev(t), table, eps), rtol=1e-6, atol=1e-6)
+    x_t = q_sample.triton_q_sample(*dev(x0, t), table, None, key(77, 1000, 5))
+    close(x_t, q_sample.triton_q_sample(*dev(x0, t), table, eps, None), rtol=1e-6, atol=1e-6)
 
 
 # ---- vlb_terms ------------------------------------------------------------------------------
 
 
-def vlb_inputs(coef, prediction, variance, error, seed):
+def vlb_inputs(coef, prediction, variance, error, seed, shape=SHAPE, batch=B):
     g = gen(seed)
-    x0 = torch.randint(0, 256, (B, *SHAPE), generator=g).float() / 127.5 - 1
+    x0 = torch.randint(0, 256, (batch, *shape), generator=g).float() / 127.5 - 1
     x0[:, 0, 0, :4] = torch.tensor([-1.0, 1.0, -1.0, 1.0])  # the edge bins
-    t = torch.tensor(T_MIX)
-    eps = torch.randn(B, *SHAPE, generator=g)
+    t = torch.tensor(T_MIX[:batch])
+    eps = torch.randn(batch, *shape, generator=g)
     x_t = reference.q_sample(x0, t, eps, coef)
     target = reference.prediction_target(x0, eps, t, coef, prediction)
-    model_out = target + error * torch.randn(B, *SHAPE, generator=g)
+    model_out = target + error * torch.randn(batch, *shape, generator=g)
     if variance == "learned_range":
-        model_out = torch.cat([model_out, torch.rand(B, *SHAPE, generator=g) * 2 - 1], dim=1)
+        model_out = torch.cat([model_out, torch.rand(batch, *shape, generator=g) * 2 - 1], dim=1)
     return x0, x_t, t, model_out
 
 
@@ -379,36 +372,38 @@ def vlb_inputs(coef, prediction, variance, error, seed):
 @pytest.mark.parametrize("variance", VARIANCES)
 @pytest.mark.parametrize("prediction", PREDICTIONS)
 def test_vlb_terms_match_reference(schedule, coef, table, prediction, variance, clip):
+    args = (prediction, variance, clip, 256)
     opts = dict(prediction=prediction, variance=variance, clip_denoised=clip, levels=256)
     coef64 = schedule.coefficients("cpu", torch.float64)
     dtype = DTYPES[(PREDICTIONS.index(prediction) + VARIANCES.index(variance)) % 3]
     # a model close to the truth (x̂_0 off by ~1/3 of the decoder's σ): the float32 reference is accurate
     x0, x_t, t, model_out = vlb_inputs(coef, prediction, variance, {"x0": 0.003}.get(prediction, 0.3), seed=6)
     model_out = model_out.to(dtype)
-    out = vlb_mod.vlb_terms(*dev(model_out, x0, x_t, t), table, **opts)
+    out = vlb_terms.triton_vlb_terms(*dev(model_out, x0, x_t, t), table, *args)
     assert out.shape == (B,) and out.dtype == torch.float32
     close(out, reference.vlb_terms(model_out.float(), x0, x_t, t, coef, **opts), **TOL_VLB)
     # a poor model: decoder bins deep in the tails, where the float32 reference's Φ = (1 + erf)/2 is
     # only 6e-8 absolute, so the decoder terms (t = 0) are held to the float64 reference
     x0, x_t, t, model_out = vlb_inputs(coef, prediction, variance, 0.3 if prediction == "x0" else 3.0, seed=7)
-    out = vlb_mod.vlb_terms(*dev(model_out, x0, x_t, t), table, **opts).cpu()
+    out = vlb_terms.triton_vlb_terms(*dev(model_out, x0, x_t, t), table, *args).cpu()
     decoder = t == 0
     expected = reference.vlb_terms(model_out.double(), x0.double(), x_t.double(), t, coef64, **opts)
     close(out[decoder], expected.float()[decoder], **TOL_VLB)
     close(out[~decoder], reference.vlb_terms(model_out, x0, x_t, t, coef, **opts)[~decoder], **TOL_VLB)
 
 
-def test_vlb_terms_other_levels_and_batch_one(schedule, coef, table):
+def test_vlb_terms_other_levels_and_batch_one(coef, table):
     for levels in (2, 17):
         x0, x_t, t, model_out = vlb_inputs(coef, "eps", "learned_range", 0.3, seed=8)
         x0 = torch.round((x0 + 1) / 2 * (levels - 1)) / (levels - 1) * 2 - 1
-        opts = dict(prediction="eps", variance="learned_range", clip_denoised=True, levels=levels)
         for b in (slice(None), slice(0, 1)):
-            out = vlb_mod.vlb_terms(*dev(model_out[b], x0[b], x_t[b], t[b]), table, **opts)
-            close(out, reference.vlb_terms(model_out[b], x0[b], x_t[b], t[b], coef, **opts), **TOL_VLB)
+            out = vlb_terms.triton_vlb_terms(*dev(model_out[b], x0[b], x_t[b], t[b]), table, "eps", "learned_range",
+                                             True, levels)
+            close(out, reference.vlb_terms(model_out[b], x0[b], x_t[b], t[b], coef, prediction="eps",
+                                           variance="learned_range", clip_denoised=True, levels=levels), **TOL_VLB)
 
 
-_ndtr, _log_ndtr = vlb_mod.ndtr, vlb_mod.log_ndtr  # jit helpers, called from the test kernel
+_ndtr, _log_ndtr = vlb_terms.ndtr, vlb_terms.log_ndtr  # jit helpers, called from the test kernel
 
 
 @triton.jit
@@ -433,96 +428,15 @@ def test_normal_cdf_helpers_are_accurate():
     close(phi_d.double().cpu()[keep].log(), log_true[keep], rtol=1e-6, atol=2e-7)
 
 
-# ---- the operator adapter (kernels.triton.ops) --------------------------------------------------
-
-
-@pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_operator_adapter_matches_the_operators_reference(table, prediction):
-    """kernels.triton.ops has the signatures and outputs of fastddpm.ops' reference implementations
-    (what `fastddpm.ops._register(..., "cuda")` plugs in)."""
-    g = gen(30)
-    x0 = torch.rand(B, *SHAPE, generator=g) * 2 - 1
-    x_t, t = torch.randn(B, *SHAPE, generator=g), torch.tensor(T_MIX)
-    out2 = torch.randn(B, 2 * SHAPE[0], *SHAPE[1:], generator=g)
-    out2[:, SHAPE[0]:] = out2[:, SHAPE[0]:].tanh()
-    pred = out2[:, : SHAPE[0]]
-    noise = torch.randn(B, *SHAPE, generator=g)
-    key = fastddpm_ops.noise_key(2024, 2**32 - 2, 77)
-    cpu_table = table.cpu()
-    for z in (None, noise):
-        args = (x0, t, cpu_table, z, key)
-        close(triton_ops.q_sample(*dev(*args)), fastddpm_ops._q_sample_ref(*args), **TOL_NOISE)
-        args = (pred, x0, t, cpu_table, z, key, prediction)
-        got, expected = triton_ops.eps_loss(*dev(*args[:6]), prediction), fastddpm_ops._eps_loss_ref(*args)
-        close(got[0], expected[0], **TOL_LOSS)
-        close(got[1], expected[1], rtol=1e-5, atol=1e-5 * expected[1].abs().max().item())
-        for variance, eta in [("fixed_small", None), ("learned_range", 0.5)]:
-            mo = out2 if variance == "learned_range" else pred
-            args = (x_t, mo, t, cpu_table, z, key, prediction, variance, True, eta)
-            close(triton_ops.reverse_step(*dev(*args[:6]), *args[6:]), fastddpm_ops._reverse_step_ref(*args),
-                  **TOL_NOISE)
-    args = (out2, x0, x_t, t, cpu_table, prediction, "learned_range", False, 256)
-    close(triton_ops.vlb_terms(*dev(*args[:5]), *args[5:]), fastddpm_ops._vlb_terms_ref(*args), **TOL_VLB)
-
-
-# ---- argument checks --------------------------------------------------------------------------
-
-
-def test_launchers_reject_bad_arguments(table):
-    x, mo, t, z = dev(*step_inputs("fixed_small"))
-    opts = dict(prediction="eps", variance="fixed_small", clip_denoised=False)
-    bad = [
-        ("x_t", dict(x_t=x.double())),
-        ("model_out", dict(model_out=mo.to(torch.int32))),
-        ("model_out", dict(model_out=mo[:, :2])),
-        ("model_out", dict(model_out=mo.to("meta"))),
-        ("t", dict(t=t.to(torch.int32))),
-        ("t", dict(t=t[:3])),
-        ("table", dict(table=table[:, :5].T)),
-        ("noise", dict(noise=z[:, :2])),
-        ("prediction", dict(prediction="score")),
-        ("variance", dict(variance="learned")),
-        ("eta", dict(eta=-1.0)),
-        ("seed", dict(seed=-1)),
-        ("seed", dict(seed=2**64)),
-        ("sample_base", dict(sample_base=1.5)),
-    ]
-    for name, change in bad:
-        args = dict(x_t=x, model_out=mo, t=t, table=table, noise=z, **opts)
-        args.update(change)
-        with pytest.raises(ValueError, match=name):
-            reverse_step_mod.reverse_step(**args)
-    with pytest.raises(ValueError, match="model_out"):  # learned_range needs 2N values per sample
-        reverse_step_mod.reverse_step(x, mo, t, table, z, prediction="eps", variance="learned_range",
-                                      clip_denoised=False)
-    with pytest.raises(ValueError, match="weights"):
-        eps_loss_mod.eps_loss(mo, x, t, table, torch.ones(3, device=DEVICE), prediction="eps")
-    with pytest.raises(ValueError, match="pred"):
-        eps_loss_mod.eps_loss(mo[:1], x, t, table, prediction="eps")
-    with pytest.raises(ValueError, match="c "):
-        eps_loss_mod.eps_loss_grad(mo, x, t, table, torch.ones(B, dtype=torch.int64, device=DEVICE), prediction="eps")
-    with pytest.raises(ValueError, match="levels"):
-        vlb_mod.vlb_terms(mo, x, x, t, table, prediction="eps", variance="fixed_small", clip_denoised=False, levels=1)
-    with pytest.raises(ValueError, match="x_t"):
-        vlb_mod.vlb_terms(mo, x, x[:2], t, table, prediction="eps", variance="fixed_small", clip_denoised=False,
-                          levels=256)
-    with pytest.raises(ValueError, match="step"):
-        q_sample_mod.q_sample(x, t, table, seed=1, step=None)
-    for key in (torch.zeros(3, dtype=torch.int32, device=DEVICE), torch.zeros(4, dtype=torch.int64, device=DEVICE),
-                torch.zeros(3, dtype=torch.int64, device="meta"), [1, 2, 3]):
-        with pytest.raises(ValueError, match="key"):
-            q_sample_mod.q_sample(x, t, table, key=key)
-
-
-# ---- no recompiles for new seeds, samples or steps ------------------------------------------------
+# ---- no recompiles for new seeds, samples, steps or η ----------------------------------------------
 
 
 class _Recorder:
-    """Stands in for a kernel: records the arguments of its launch instead of running it."""
+    """Stands in for a kernel: records the grid and arguments of its launch instead of running it."""
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.args, self.kwargs = args, kwargs
+            self.grid, self.args, self.kwargs = grid, args, kwargs
 
         return launch
 
@@ -545,47 +459,26 @@ def _specializations(monkeypatch, module, name, launches):
     return keys
 
 
-COORDS = list(itertools.product([0, 1, 16, 2**31 + 1, 2**40, 2**63 + 16, 2**64 - 1], [0, 1, 16, 2**31, 2**32 - 1],
-                                [0, 1, 16, 999, 2**32 + 1]))
-
-
-def test_seeds_samples_and_steps_do_not_recompile(monkeypatch, table):
+def test_seeds_samples_steps_and_eta_do_not_recompile(monkeypatch, table):
+    """The coordinates are in the key tensor, η is an unspecialized float."""
     x, mo, t, _ = dev(*step_inputs("fixed_small"))
-    opts = dict(prediction="eps", variance="fixed_small", clip_denoised=False)
-    for eta in (None, 0.0, 0.5, 1.0):
-        keys = _specializations(monkeypatch, reverse_step_mod, "_reverse_step_kernel", [
-            lambda s=s, b=b, eta=eta: reverse_step_mod.reverse_step(x, mo, t, table, None, s, b, **opts, eta=eta)
-            for s, b, _step in COORDS])
-        assert len(keys) == 1, keys
-    keys = _specializations(monkeypatch, reverse_step_mod, "_reverse_step_kernel", [
-        lambda e=e: reverse_step_mod.reverse_step(x, mo, t, table, None, 5, **opts, eta=e) for e in (0.0, 0.5, 1.0, 2)])
-    assert len(keys) == 1, keys
-    keys = _specializations(monkeypatch, q_sample_mod, "_q_sample_kernel", [
-        lambda c=c: q_sample_mod.q_sample(x, t, table, None, *c) for c in COORDS])
-    assert len(keys) == 1, keys
-    keys = _specializations(monkeypatch, eps_loss_mod, "_eps_loss_kernel", [
-        lambda c=c: eps_loss_mod.eps_loss(mo, x, t, table, None, None, *c, prediction="v") for c in COORDS])
-    assert len(keys) == 1, keys
-    keys = _specializations(monkeypatch, reverse_step_mod, "_reverse_step_kernel", [
-        lambda s=s, b=b: reverse_step_mod.reverse_step(
-            x, mo, t, table, key=torch.tensor([s, b, 0], dtype=torch.int64, device=DEVICE), **opts)
-        for s, b in [(0, 0), (1, 16), (2**40, 2**32 - 1)]])
-    assert len(keys) == 1, keys
-    keys = _specializations(monkeypatch, noise_mod, "_normal_kernel", [
-        lambda c=c: noise_mod.normal(B, SHAPE, *c, stream=c[2] % 3, device=DEVICE) for c in COORDS])
+    coords = itertools.product([0, 2**31 + 1, 2**63 + 16, 2**64 - 1], [0, 16, 2**32 - 1], [0, 999, 2**32 + 1])
+    keys = _specializations(monkeypatch, reverse_step, "_reverse_step_kernel", [
+        lambda c=c, eta=eta: reverse_step.triton_reverse_step(x, mo, t, table, None, key(*c), "eps", "fixed_small",
+                                                              False, eta)
+        for c, eta in zip(coords, itertools.cycle([0.0, 0.5, 1.0, 0.25]))])
     assert len(keys) == 1, keys
 
 
 @pytest.mark.skipif(INTERPRETED, reason="the interpreter has no compile cache")
 def test_compiled_cache_does_not_grow_with_new_seeds(table):
     x, mo, t, _ = dev(*step_inputs("fixed_small"))
-    opts = dict(prediction="eps", variance="fixed_small", clip_denoised=False)
-    reverse_step_mod.reverse_step(x, mo, t, table, None, 0, 0, **opts)
-    kernel = reverse_step_mod._reverse_step_kernel
+    reverse_step.triton_reverse_step(x, mo, t, table, None, key(0), "eps", "fixed_small", False, None)
+    kernel = reverse_step._reverse_step_kernel
     device = torch.cuda.current_device()
     before = len(kernel.device_caches[device][0])
-    for seed, base, _ in COORDS[::7]:
-        reverse_step_mod.reverse_step(x, mo, t, table, None, seed, base, **opts)
+    for seed in (1, 2**40, 2**64 - 1):
+        reverse_step.triton_reverse_step(x, mo, t, table, None, key(seed, seed % 999), "eps", "fixed_small", False, None)
     assert len(kernel.device_caches[device][0]) == before
 
 
@@ -594,40 +487,41 @@ def test_compiled_cache_does_not_grow_with_new_seeds(table):
 
 def _launch_variants(table):
     """(module, kernel name, launch) for every constexpr variant of every kernel, at three sizes."""
-    for batch, numel in [(4, 3072), (7, 105), (1, 1)]:
-        x, t = torch.randn(batch, numel), torch.randint(0, T, (batch,))
-        mo1, mo2, ones = torch.randn(batch, numel), torch.randn(batch, 2 * numel), torch.ones(batch)
-        yield noise_mod, "_normal_kernel", lambda: noise_mod.normal(batch, numel, 5, device=DEVICE)
-        yield noise_mod, "_words_kernel", lambda: noise_mod.philox_words(batch, numel, 5, device=DEVICE)
-        for p, v, c, eta, z in itertools.product(PREDICTIONS, VARIANCES, [False, True], [None, 0.5], [x, None]):
-            mo = mo2 if v == "learned_range" else mo1
-            yield reverse_step_mod, "_reverse_step_kernel", lambda p=p, v=v, c=c, eta=eta, z=z, mo=mo: (
-                reverse_step_mod.reverse_step(x, mo, t, table, z, 3, 4, prediction=p, variance=v, clip_denoised=c,
-                                              eta=eta))
-        key = torch.tensor([1, 2, 3], dtype=torch.int64, device=DEVICE)
-        yield noise_mod, "_normal_kernel", lambda: noise_mod.normal(batch, numel, key=key, device=DEVICE)
-        for p, v, eta in [("eps", "fixed_small", None), ("v", "learned_range", 0.5)]:
-            mo = mo2 if v == "learned_range" else mo1
-            yield reverse_step_mod, "_reverse_step_kernel", lambda p=p, v=v, eta=eta, mo=mo: (
-                reverse_step_mod.reverse_step(x, mo, t, table, key=key, prediction=p, variance=v, clip_denoised=True,
-                                              eta=eta))
-        yield q_sample_mod, "_q_sample_kernel", lambda: q_sample_mod.q_sample(x, t, table, key=key)
-        yield eps_loss_mod, "_eps_loss_kernel", lambda: eps_loss_mod.eps_loss(mo1, x, t, table, key=key, prediction="v")
+    for batch, shape in [(4, (3, 32, 32)), (7, (105,)), (1, (1,))]:
+        numel = math.prod(shape)
+        x, t = torch.randn(batch, *shape), torch.randint(0, T, (batch,))
+        c = shape[0] if len(shape) > 1 else 1
+        mo1 = torch.randn(batch, *shape)
+        mo2 = torch.randn(batch, 2 * c, *shape[1:]) if len(shape) > 1 else torch.randn(batch, 2 * numel)
+        layouts = [mo1, mo1.to(memory_format=torch.channels_last)] if len(shape) == 3 else [mo1]
+        layouts2 = [mo2, mo2.to(memory_format=torch.channels_last)] if len(shape) == 3 else [mo2]
+        k = rng.noise_key(1, 2, 3)
+        for p, v, clip, eta, z, layout in itertools.product(PREDICTIONS, VARIANCES, [False, True], [None, 0.5], [x, None],
+                                                            range(len(layouts))):
+            mo = (layouts2 if v == "learned_range" else layouts)[layout]
+            yield reverse_step, "_reverse_step_kernel", lambda p=p, v=v, clip=clip, eta=eta, z=z, mo=mo: (
+                reverse_step.triton_reverse_step(x, mo, t, table, z, None if z is not None else k, p, v, clip, eta))
         for z in (x, None):
-            yield q_sample_mod, "_q_sample_kernel", lambda z=z: q_sample_mod.q_sample(x, t, table, z, 1, 2, 3)
-        for p, z, w in itertools.product(PREDICTIONS, (x, None), (ones, None)):
-            yield eps_loss_mod, "_eps_loss_kernel", lambda p=p, z=z, w=w: eps_loss_mod.eps_loss(
-                mo2[:, :numel], x, t, table, w, z, 1, 2, 3, prediction=p)
-            yield eps_loss_mod, "_eps_loss_kernel", lambda p=p, z=z: eps_loss_mod.eps_loss_grad(
-                mo1, x, t, table, ones, z, prediction=p)
-        for p, v, c in itertools.product(PREDICTIONS, VARIANCES, [False, True]):
-            mo = mo2 if v == "learned_range" else mo1
-            yield vlb_mod, "_vlb_kernel", lambda p=p, v=v, c=c, mo=mo: vlb_mod.vlb_terms(
-                mo, x, x, t, table, prediction=p, variance=v, clip_denoised=c, levels=256)
+            yield q_sample, "_q_sample_kernel", lambda z=z: q_sample.triton_q_sample(x, t, table, z, k)
+        for p, z, layout in itertools.product(PREDICTIONS, (x, None), range(len(layouts2))):
+            pred = layouts2[layout][:, :c] if len(shape) > 1 else layouts2[layout][:, :numel]
+            yield simple_loss, "_simple_loss_kernel", lambda p=p, z=z, pred=pred: simple_loss.triton_simple_loss(
+                pred, x, t, table, z, k, p)
+        for p, v, clip, layout in itertools.product(PREDICTIONS, VARIANCES, [False, True], range(len(layouts))):
+            mo = (layouts2 if v == "learned_range" else layouts)[layout]
+            yield vlb_terms, "_vlb_terms_kernel", lambda p=p, v=v, clip=clip, mo=mo: vlb_terms.triton_vlb_terms(
+                mo, x, x, t, table, p, v, clip, 256)
+
+
+PHILOX_PRODUCTS = 20  # mul.hi.u32 per Philox4x32-10 call: two in each of ten rounds
 
 
 def test_kernels_compile_for_cuda(monkeypatch, table):
-    """Each launcher's arguments, specialized as Triton's launcher does, compiled to a sm_90 cubin."""
+    """Each launcher's arguments, specialized as Triton's launcher does, compiled to a sm_90 cubin; and
+    no thread draws more noise than its share: Philox's mul.hi.u32 in the PTX (each thread's
+    program) are at most 20 per group of its share, BLOCK_G / (32 · num_warps) groups. (The
+    [4, BLOCK_G] tile of the first kernels, whose 4 warps sm_90 laid out [2, 2], computed every
+    group on two threads: 74 for a share of 2.)"""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
     from triton.runtime.jit import create_function_from_signature
@@ -645,6 +539,12 @@ def test_kernels_compile_for_cuda(monkeypatch, table):
         binary = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=backend.target,
                                 options=options.__dict__)
         assert binary.asm["cubin"], name
+        share = recorder.kwargs["BLOCK_G"] // (32 * recorder.kwargs["num_warps"])
+        products = len(re.findall(r"\bmul\.hi\.u32\b", binary.asm["ptx"]))
+        needs_noise = not (name == "_simple_loss_kernel" and recorder.kwargs["PREDICTION"] == 1)  # x0 target
+        if not recorder.kwargs.get("HAS_NOISE", True) and needs_noise:
+            # (fewer where the compiler shares a lane-invariant product, or fuses one into mul.wide)
+            assert PHILOX_PRODUCTS * share // 2 < products <= PHILOX_PRODUCTS * share, (name, share, products)
         compiled[name] = compiled.get(name, 0) + 1
-    assert compiled == {"_normal_kernel": 6, "_words_kernel": 3, "_reverse_step_kernel": 222, "_q_sample_kernel": 9,
-                        "_eps_loss_kernel": 75, "_vlb_kernel": 54}, compiled
+    assert compiled == {"_reverse_step_kernel": 288, "_q_sample_kernel": 6, "_simple_loss_kernel": 24,
+                        "_vlb_terms_kernel": 72}, compiled

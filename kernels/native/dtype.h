@@ -8,7 +8,9 @@
 
 namespace fastddpm {
 
+// fastddpm.options.MODEL_DTYPES: a dtype's code is the index of its name.
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+inline constexpr const char* kDTypeNames[] = {"float32", "float16", "bfloat16"};
 
 // IEEE binary16 → binary32, exact for every input: normals by re-biasing the exponent,
 // subnormals as integer · 2⁻²⁴ (so a DAZ/FTZ floating-point mode cannot flush them),

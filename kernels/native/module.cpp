@@ -1,7 +1,7 @@
 // fastddpm._native: the CPU kernels of kernels/README.md as a pybind11 module. Buffers are
 // passed as addresses (`tensor.data_ptr()`), so the module needs no torch headers; the caller
-// owns shapes, dtypes and contiguity. Every op releases the GIL. An address of 0 means
-// "none" where the ABI allows it (noise: generate it; grad, weights: skip them).
+// owns shapes, dtypes and contiguity. Every op releases the GIL. A noise address of 0 means
+// "draw the contract's".
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -10,6 +10,7 @@
 #include <omp.h>
 #endif
 
+#include "dtype.h"
 #include "ops.h"
 #include "philox.h"
 #include "schedule.h"
@@ -24,19 +25,30 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
-py::tuple row_names() {
-  py::tuple names(static_cast<size_t>(kNumRows));
-  for (int r = 0; r < kNumRows; ++r) names[r] = py::str(kRowNames[r]);
-  return names;
+template <size_t K>
+py::tuple tuple_of(const char* const (&names)[K]) {
+  py::tuple out(K);
+  for (size_t i = 0; i < K; ++i) out[i] = py::str(names[i]);
+  return out;
+}
+
+// The names whose indices the kernels take as codes, for the Python side to compare with its own.
+py::dict names() {
+  py::dict out;
+  out["rows"] = tuple_of(kRowNames);
+  out["predictions"] = tuple_of(kPredictionNames);
+  out["variances"] = tuple_of(kVarianceNames);
+  out["model_dtypes"] = tuple_of(kDTypeNames);
+  return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "fastddpm's native CPU kernels (kernels/native): reverse_step, q_sample, eps_loss, vlb_terms, normal";
+  m.doc() = "fastddpm's native CPU kernels (kernels/native): reverse_step, q_sample, simple_loss, vlb_terms, normal";
   auto release = py::call_guard<py::gil_scoped_release>();
 
-  m.def("row_names", &row_names, "The Coefficients.table rows the kernels read, in order.");
+  m.def("names", &names, "The table rows, predictions, variances and model dtypes, in the order of their codes.");
   m.def("has_openmp", [] {
 #ifdef _OPENMP
     return true;
@@ -96,19 +108,19 @@ PYBIND11_MODULE(_native, m) {
       "reference.q_sample into float32 [B, N] (noise_ptr 0: generated at `step`, stream 2).");
 
   m.def(
-      "eps_loss",
+      "simple_loss",
       [](uintptr_t per_sample, uintptr_t grad, uintptr_t pred, int pred_dtype, int64_t pred_batch_stride,
          uintptr_t x0, uintptr_t t, uintptr_t table, int64_t T, int64_t B, int64_t N, uintptr_t noise, uint64_t seed,
-         int64_t sample_base, int64_t step, int prediction, uintptr_t weights, double grad_scale) {
-        eps_loss(ptr<float>(per_sample), ptr<float>(grad), ptr<const void>(pred), pred_dtype, pred_batch_stride,
-                 ptr<const float>(x0), ptr<const int64_t>(t), ptr<const float>(table), T, B, N,
-                 ptr<const float>(noise), seed, sample_base, step, prediction, ptr<const float>(weights), grad_scale);
+         int64_t sample_base, int64_t step, int prediction) {
+        simple_loss(ptr<float>(per_sample), ptr<float>(grad), ptr<const void>(pred), pred_dtype, pred_batch_stride,
+                    ptr<const float>(x0), ptr<const int64_t>(t), ptr<const float>(table), T, B, N,
+                    ptr<const float>(noise), seed, sample_base, step, prediction);
       },
       py::arg("per_sample_ptr"), py::arg("grad_ptr"), py::arg("pred_ptr"), py::arg("pred_dtype"),
       py::arg("pred_batch_stride"), py::arg("x0_ptr"), py::arg("t_ptr"), py::arg("table_ptr"), py::arg("T"),
       py::arg("B"), py::arg("N"), py::arg("noise_ptr"), py::arg("seed"), py::arg("sample_base"), py::arg("step"),
-      py::arg("prediction"), py::arg("weights_ptr"), py::arg("grad_scale"), release,
-      "Per-sample MSE [B] of reference.simple_loss; grad_ptr != 0: also d(weighted mean)/d pred, [B, N].");
+      py::arg("prediction"), release,
+      "Per-sample MSE [B] of reference.simple_loss and its gradient 2 (pred - target) / N, [B, N].");
 
   m.def(
       "vlb_terms",

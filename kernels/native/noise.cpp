@@ -17,6 +17,9 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "checks.h"
+#include "launch.h"
+#include "ops.h"
 #include "philox.h"
 #include "simd.h"
 
@@ -160,6 +163,22 @@ void normal_groups(uint64_t seed, uint32_t sample, uint32_t step, uint32_t strea
                    float* z0, float* z1, float* z2, float* z3) {
   float* const z[4] = {z0, z1, z2, z3};
   kNormalGroups(Counter{g0, sample, step, stream, seed}, count, z);
+}
+
+void normal(float* out, int64_t B, int64_t N, uint64_t seed, int64_t sample_base, int64_t step, int64_t stream) {
+  check_sizes(B, N);
+  if (B * N == 0) return;
+  check_pointer(out, "out");
+  const Layout L(B, N);
+  const NoiseSource source{nullptr, seed, sample_base};
+  for_each_chunk(L, [&](const Chunk& c, NoiseBuffer& buf) {
+    const float* z[4];
+    source.fill(L, c, static_cast<uint32_t>(step), static_cast<uint32_t>(stream), true, buf, z);
+    for (int j = 0; j < 4; ++j) {
+      const Run r = run_of(L, c, j);
+      if (r.length > 0) std::memcpy(out + c.b * N + r.offset, z[j], r.length * sizeof(float));
+    }
+  });
 }
 
 }  // namespace fastddpm

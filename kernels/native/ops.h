@@ -1,7 +1,7 @@
 // The native CPU ops of the kernel ABI (kernels/README.md), on raw buffers: every image is a
 // contiguous float32 [B, N] (N = C·H·W) unless a batch stride says otherwise, `t` is int64 [B],
 // `table` is the float32 [rows, T] `Coefficients.table`. A null noise pointer means "generate
-// the contract's normals" (philox.h); a null optional output means "don't write it".
+// the contract's normals" (philox.h). Each op is one file, named after it; `normal` is in noise.cpp.
 #pragma once
 
 #include <cstdint>
@@ -21,12 +21,11 @@ void reverse_step(float* out, const float* x, const void* model, int model_dtype
 void q_sample(float* out, const float* x0, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,
               const float* noise, uint64_t seed, int64_t sample_base, int64_t step);
 
-// reference.simple_loss per sample: per_sample[b] = mean_e (pred − target)², and if grad is
-// given, grad = 2 (pred − target) · weights[b] · grad_scale / (B·N) (weights null: 1).
-void eps_loss(float* per_sample, float* grad, const void* pred, int pred_dtype, int64_t pred_batch_stride,
-              const float* x0, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,
-              const float* noise, uint64_t seed, int64_t sample_base, int64_t step, int prediction,
-              const float* weights, double grad_scale);
+// reference.simple_loss per sample: per_sample[b] = mean_e (pred − target)², and its gradient
+// grad = d per_sample[b] / d pred = 2 (pred − target) / N, [B, N].
+void simple_loss(float* per_sample, float* grad, const void* pred, int pred_dtype, int64_t pred_batch_stride,
+                 const float* x0, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,
+                 const float* noise, uint64_t seed, int64_t sample_base, int64_t step, int prediction);
 
 // reference.vlb_terms: [B] bits/dim, KL for t > 0 and the decoder NLL at t = 0.
 void vlb_terms(float* out, const void* model, int model_dtype, int64_t model_batch_stride, const float* x0,

@@ -1,13 +1,16 @@
 // The kernel ABI's enums and the rows of `Coefficients.table` (fastddpm/schedule.py), in order.
-// tests/test_native.py holds `row_names()` (module.cpp) equal to `Coefficients.row_names()`.
+// fastddpm.kernels.library compares `names()` (module.cpp) with the Python side when it loads.
 #pragma once
 
 #include <cstdint>
 
 namespace fastddpm {
 
+// fastddpm.options.PREDICTIONS and VARIANCES: a choice's code is the index of its name.
 enum Prediction : int { kEps = 0, kX0 = 1, kV = 2 };
 enum Variance : int { kFixedSmall = 0, kFixedLarge = 1, kLearnedRange = 2 };
+inline constexpr const char* kPredictionNames[] = {"eps", "x0", "v"};
+inline constexpr const char* kVarianceNames[] = {"fixed_small", "fixed_large", "learned_range"};
 
 enum Row : int {
   kBetas,

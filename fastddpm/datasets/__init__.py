@@ -1,0 +1,106 @@
+"""Image datasets for fastddpm: small, held in memory, never downloaded.
+
+Every loader returns an `ImageDataset`: uint8 intensity codes 0..levels-1, handed out as
+float32 in [-1, 1] by x = v / (levels - 1) * 2 - 1. ``levels`` is 256 for 8-bit images and 17
+for the digits (pixels 0..16); knowing it, a model reports exact discrete likelihoods
+(bits/dim) and samples are quantized back to the data's own grid (`quantize`).
+
+The sources:
+
+- `digits(split)`: the 8x8 handwritten digits bundled in ``fastddpm/data/digits.npz`` (1797
+  images, a fixed held-out split of 297; UCI data, CC BY 4.0, see `bundled`).
+- `image_folder(path, size)`: every PNG/JPEG under a folder, RGB, made ``size`` x ``size``.
+- `cifar10(path, split)`: CIFAR-10's pickled python batches, read by a numpy-only unpickler.
+- `array_file(path)`: a .npy or .npz file of uint8 images.
+
+`load_dataset(spec, size)` picks one of these from a single string (the CLI's --data) and
+`load_heldout(spec, size)` the matching held-out set, if the source has one. Any problem with
+the data (missing path, no images, corrupt file, wrong dtype or shape, unsafe pickle) raises
+`DatasetError`, a ValueError whose message is one line naming the path and the problem.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .arrays import array_file
+from .bundled import digits
+from .cifar import CIFAR_TEST_FILES, _cifar_dir, cifar10
+from .dataset import DatasetError, ImageDataset, quantize, to_float
+from .folder import IMAGE_EXTENSIONS, _check_size, image_folder
+
+__all__ = [
+    "DatasetError",
+    "ImageDataset",
+    "to_float",
+    "quantize",
+    "digits",
+    "image_folder",
+    "cifar10",
+    "array_file",
+    "load_dataset",
+    "load_heldout",
+    "IMAGE_EXTENSIONS",
+]
+
+
+# ---- one-string selection (the CLI's --data) -----------------------------------------------------
+
+
+def _check_native_size(ds: ImageDataset, size: int | None, spec: str) -> ImageDataset:
+    if size is not None:
+        _, h, w = ds.shape
+        if (h, w) != (size, size):
+            raise DatasetError(
+                f"dataset {spec} has {h}x{w} images and cannot be resized; size {size} was requested (omit it)"
+            )
+    return ds
+
+
+def load_dataset(spec: str | None = None, size: int | None = None) -> ImageDataset:
+    """The training set named by ``spec``.
+
+    None or "digits" is the bundled digits' train split (write ./digits for a folder of that
+    name); a folder holding CIFAR-10 batches, itself or in its cifar-10-batches-py subfolder,
+    is CIFAR-10's train split; any other folder is an `image_folder`, for which ``size`` is
+    required; a .npy or .npz file is an `array_file`. Only image folders are resized: for the
+    other sources ``size`` may be omitted, and if given must equal the native size.
+    """
+    if spec is None or spec == "digits":
+        return _check_native_size(digits("train"), size, "digits")
+    if not isinstance(spec, (str, os.PathLike)) or not os.fspath(spec):
+        raise DatasetError(f"invalid dataset spec: {spec!r}")
+    p = Path(os.path.expanduser(os.fspath(spec)))
+    if not p.exists():
+        raise DatasetError(f"dataset path does not exist: {p}")
+    if p.is_dir():
+        if _cifar_dir(p) is not None:
+            return _check_native_size(cifar10(p, "train"), size, str(p))
+        return image_folder(p, _check_size(size, p))
+    if p.suffix.lower() in (".npy", ".npz"):
+        return _check_native_size(array_file(p), size, str(p))
+    if p.name.lower().endswith((".tar.gz", ".tgz", ".tar", ".zip")):
+        raise DatasetError(f"archives are not read directly; extract {p} and pass the folder")
+    raise DatasetError(
+        f"unsupported dataset path {p}: expected 'digits', a folder of PNG/JPEG images, "
+        f"a CIFAR-10 batches folder, or a .npz/.npy file"
+    )
+
+
+def load_heldout(spec: str | None = None, size: int | None = None) -> ImageDataset | None:
+    """The held-out (evaluation) set matching ``load_dataset(spec, size)``: the digits'
+    heldout split, or CIFAR-10's test split (None if the folder has no test_batch). Image
+    folders and array files have no held-out split: None."""
+    if spec is None or spec == "digits":
+        return _check_native_size(digits("heldout"), size, "digits")
+    p = Path(os.path.expanduser(os.fspath(spec)))
+    if not p.exists():
+        raise DatasetError(f"dataset path does not exist: {p}")
+    if p.is_dir():
+        d = _cifar_dir(p)
+        if d is not None:
+            if not (d / CIFAR_TEST_FILES[0]).is_file():
+                return None
+            return _check_native_size(cifar10(p, "test"), size, str(p))
+    return None
