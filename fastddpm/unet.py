@@ -153,8 +153,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x).flatten(2).transpose(1, 2)  # [B, H*W, C]
-        h = F.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h))  # scale C^-0.5
+        h = self.norm(x).flatten(2).transpose(1, 2)[:, None]  # [B, 1 head, H*W, C]
+        # 4-D: the flash and memory-efficient kernels take [B, heads, L, d] (3-D always ran the math path)
+        h = F.scaled_dot_product_attention(self.q(h), self.k(h), self.v(h))[:, 0]  # scale C^-0.5
         h = self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)
         return x + h
 

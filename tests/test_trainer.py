@@ -180,3 +180,38 @@ def test_the_compiled_step_trains_like_the_eager_one(tmp_path):
     Trainer(small(steps=3, compile=True), tmp_path / "compiled").fit()
     for (s1, l1), (s2, l2) in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4)
+
+
+def test_three_compiled_steps_are_one_graph(tmp_path, monkeypatch):
+    """The step's tables are built before it is compiled: built inside its first call, they put a
+    host-to-device copy in its first graph and the cache's change recompiled it (on a GPU, a second
+    inductor compile of the U-Net's forward and backward)."""
+    from torch._dynamo.utils import counters
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    trainer = Trainer(small(steps=3, compile=True), tmp_path)
+    for _ in range(3):
+        trainer.train_step()
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["recompiles"], dict(counters["recompiles"])
+
+
+def test_tf32_is_a_setting_recorded_in_the_run(tmp_path):
+    from fastddpm.trainer import use_tf32
+
+    trainer = Trainer(small(steps=1), tmp_path / "cpu")
+    assert trainer.config.tf32 is False  # None: on for CUDA only, and the run records which
+    trainer.fit()
+    _, header = model_state(tmp_path / "cpu")
+    assert header["train"]["tf32"] is False
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    try:
+        use_tf32(True)
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+        use_tf32(False)
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastddpm.unet import PRESETS, AttnBlock, UNet, UNetConfig, timestep_embedding
 
@@ -255,3 +256,26 @@ def test_config_from_dict_rejects_bad_keys():
 def test_model_keeps_config():
     model = UNet.from_preset("ddpm-digits", dropout=0.2)
     assert model.config == UNetConfig.from_dict({**PRESETS["ddpm-digits"].to_dict(), "dropout": 0.2})
+
+
+def test_attention_is_one_head_of_4d_sdpa(monkeypatch):
+    """[B, 1, L, C] into scaled_dot_product_attention, which the flash and memory-efficient kernels
+    take (3-D inputs always ran the math path), computing the same single-head attention."""
+    block = AttnBlock(16, 4)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    x = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    shapes, sdpa = [], F.scaled_dot_product_attention
+
+    def recording(q, k, v, **kw):
+        shapes.append(tuple(q.shape))
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    out = block(x)
+    assert shapes == [(2, 1, 16, 16)]
+    h = block.norm(x).flatten(2).transpose(1, 2)
+    weights = torch.softmax(block.q(h) @ block.k(h).transpose(1, 2) / 16**0.5, dim=-1)
+    expected = x + block.proj_out(weights @ block.v(h)).transpose(1, 2).reshape(2, 16, 4, 4)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
