@@ -121,6 +121,11 @@ def dense_rows(x: Tensor) -> bool:
     return True
 
 
+def batch_stride(x: Tensor) -> int:
+    """Elements from one sample to the next (a single sample's own size: its stride can be anything)."""
+    return x.stride(0) if x.shape[0] > 1 else per_sample_numel(x)
+
+
 def per_sample_numel(x: Tensor) -> int:
     n = 1
     for s in x.shape[1:]:

@@ -61,7 +61,7 @@ def native_reverse_step(x_t, model_out, t, table, noise, key, prediction, varian
     seed, sample_base, _ = rng.unpack_key(key) if noise is None else (0, 0, 0)
     library.native.reverse_step(
         out.data_ptr(), x_t.data_ptr(), model_out.data_ptr(), options.code(model_out.dtype, options.MODEL_DTYPES),
-        model_out.stride(0), t.data_ptr(), table.data_ptr(), table.shape[1], x_t.shape[0],
+        library.batch_stride(model_out), t.data_ptr(), table.data_ptr(), table.shape[1], x_t.shape[0],
         library.per_sample_numel(x_t), 0 if noise is None else noise.data_ptr(), seed, sample_base,
         options.code(prediction, options.PREDICTIONS), options.code(variance, options.VARIANCES), clip_denoised,
         eta is not None, 0.0 if eta is None else eta)

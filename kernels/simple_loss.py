@@ -63,7 +63,7 @@ def native_simple_loss(pred, x0, t, table, noise, key, prediction):
     seed, sample_base, step = rng.unpack_key(key) if key is not None and noise is None else (0, 0, 0)
     library.native.simple_loss(
         per_sample.data_ptr(), gradient.data_ptr(), pred.data_ptr(), options.code(pred.dtype, options.MODEL_DTYPES),
-        pred.stride(0), x0.data_ptr(), t.data_ptr(), table.data_ptr(), table.shape[1], x0.shape[0],
+        library.batch_stride(pred), x0.data_ptr(), t.data_ptr(), table.data_ptr(), table.shape[1], x0.shape[0],
         library.per_sample_numel(x0), 0 if noise is None else noise.data_ptr(), seed, sample_base, step,
         options.code(prediction, options.PREDICTIONS))
     return per_sample, gradient

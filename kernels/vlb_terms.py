@@ -63,8 +63,8 @@ def native_vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_de
     model_out = model_out if library.dense_rows(model_out) else model_out.contiguous()
     out = x0.new_empty(x0.shape[0])
     library.native.vlb_terms(
-        out.data_ptr(), model_out.data_ptr(), options.code(model_out.dtype, options.MODEL_DTYPES), model_out.stride(0),
-        x0.data_ptr(), x_t.data_ptr(), t.data_ptr(), table.data_ptr(), table.shape[1], x0.shape[0],
+        out.data_ptr(), model_out.data_ptr(), options.code(model_out.dtype, options.MODEL_DTYPES),
+        library.batch_stride(model_out), x0.data_ptr(), x_t.data_ptr(), t.data_ptr(), table.data_ptr(), table.shape[1], x0.shape[0],
         library.per_sample_numel(x0), options.code(prediction, options.PREDICTIONS),
         options.code(variance, options.VARIANCES), clip_denoised, levels)
     return out

@@ -259,6 +259,19 @@ def test_the_reference_backend_runs_the_same_checks(coef, name):
             getattr(backend, name)(*args)
 
 
+def test_a_single_samples_batch_stride_is_never_read(coef):
+    """A batch of one may carry any stride for its batch dimension (here 0, as an expand gives)."""
+    x, out, _ = data(5)
+    t, key = torch.tensor([7]), rng.noise_key(1)
+    one = out[:1].as_strided(out[:1].shape, (0, *out.stride()[1:]))
+    for backend in (FUSED, REFERENCE):
+        got = backend.reverse_step(x[:1], one, t, coef.table, None, key, "eps", "fixed_small", True, None)
+        torch.testing.assert_close(got, REFERENCE.reverse_step(x[:1], out[:1], t, coef.table, None, key, "eps",
+                                                               "fixed_small", True, None), rtol=0, atol=1e-5)
+        per_sample, _ = backend.simple_loss(one, x[:1], t, coef.table, None, key, "v")
+        torch.testing.assert_close(per_sample, REFERENCE.simple_loss(out[:1], x[:1], t, coef.table, None, key, "v")[0])
+
+
 def test_coefficients_from_table_views_the_same_rows(coef):
     again = Coefficients.from_table(coef.table)
     assert again.posterior_mean_coef1.data_ptr() == coef.posterior_mean_coef1.data_ptr()
