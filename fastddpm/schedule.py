@@ -142,7 +142,10 @@ class NoiseSchedule:
 
     def coefficients(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> "Coefficients":
         """The step tables on ``device`` in ``dtype``, built once per (device, dtype)."""
-        key = (torch.device(device), dtype)
+        device = torch.device(device)
+        if device.index is None and device.type != "cpu":  # "cuda": the current GPU, named as its tensors name it
+            device = torch.empty(0, device=device).device
+        key = (device, dtype)
         if key not in self._coefficients:
             self._coefficients[key] = Coefficients.pack(self, *key)
         return self._coefficients[key]

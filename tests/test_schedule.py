@@ -124,3 +124,15 @@ def test_coefficients_pack_the_tables_on_the_device():
     c64 = s.coefficients("cpu", torch.float64)
     assert torch.equal(c64.log_large_variance, s.large_variance.log())
     assert c64.timesteps.dtype == torch.int64 and c64.num_timesteps == 20
+
+
+def test_a_device_without_an_index_shares_the_tables_of_its_tensors_device():
+    """"cuda" and cuda:0 (what its tensors report) are one cache entry: a table asked for as "cuda"
+    before a compiled step must be the one the step finds (else it is built inside the step)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    schedule = NoiseSchedule.linear(10)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        T, cuda0 = 10, torch.device("cuda:0")
+        schedule._coefficients[cuda0, torch.float32] = Coefficients.from_table(torch.empty(13, T, device=cuda0))
+        assert schedule.coefficients("cuda") is schedule._coefficients[cuda0, torch.float32]
