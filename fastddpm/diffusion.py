@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import options, reference, rng
+from . import options, reference, rng, solvers
 from .kernels import checks
 from .ops import backend_for
 from .schedule import Coefficients, NoiseSchedule
@@ -106,7 +106,11 @@ class GaussianDiffusion:
         clamped into the table so that a bad t is reported by the op, not by this gather)."""
         if self.schedule.respaced:
             t = coef.timesteps.index_select(0, t.clamp(0, self.num_timesteps - 1))
-        out = model(x_t, t)
+        return self._model_at(model, x_t, t)
+
+    def _model_at(self, model: Model, x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
+        """The model at x_t and the timesteps it is conditioned on, its output's shape checked."""
+        out = model(x_t, model_t)
         expected = list(x_t.shape)
         if self.variance == "learned_range":
             expected[1] *= 2
@@ -207,9 +211,7 @@ class GaussianDiffusion:
         self._check_images("x_t", x_t)
         t = self._check_t(t, x_t)
         noise, key = self._noise(x_t, noise, seed, sample_index, 0)
-        return self._step(model, x_t, t, self.coefficients(x_t), eta, noise, key)
-
-    def _step(self, model: Model, x_t, t, coef: Coefficients, eta: float | None, noise, key) -> torch.Tensor:
+        coef = self.coefficients(x_t)
         out = self._model_output(model, x_t, t, coef)
         return self._ops(x_t).reverse_step(x_t, out, t, coef.table, noise, key, self.prediction, self.variance,
                                            self.clip_denoised, eta)
@@ -226,34 +228,41 @@ class GaussianDiffusion:
         device: torch.device | str | None = None,
         seed: int | None = None,
         sample_index: int = 0,
+        solver: str | None = None,
+        **solver_options,
     ) -> torch.Tensor:
-        """Draw samples [shape] by ancestral sampling from x_T ~ N(0, I) (Algorithm 2).
+        """Draw samples [shape] from x_T ~ N(0, I) by a reverse chain (`solvers.solver_for`).
 
-        ``steps`` respaces to that many (or those) timesteps; ``eta`` switches to DDIM(η).
-        With a ``seed``, all noise follows the noise contract and image b is the image
-        ``sample_index`` + b of that seed, whatever the batch; otherwise noise comes from
-        ``generator``. ``device`` defaults to the model's.
+        ``solver``: "ddpm" (ancestral sampling, Algorithm 2; ``steps`` respaces), "ddim" (η =
+        ``eta``), "dpmpp_2m" or "dpmpp_2m_sde" (DPM-Solver++ with ``steps`` model evaluations;
+        ``solver_options``: order, spacing, karras, lower_order_final); by default "ddpm", or
+        "ddim" when ``eta`` is given. With a ``seed``, all noise follows the noise contract and
+        image b is the image ``sample_index`` + b of that seed, whatever the batch; otherwise
+        noise comes from ``generator``. ``device`` defaults to the model's.
         """
-        checks.eta("reverse_step", eta)
+        chain = solvers.solver_for(self, solver, steps, eta=eta, **solver_options)
         shape = tuple(int(s) for s in shape)
         if len(shape) < 2 or min(shape) < 1:
             raise ValueError(f"shape must be [B, ...] with positive sizes, got {shape}")
-        diffusion = self if steps is None else self.respace(steps)
         if device is None:
             params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = params.device if params is not None else "cpu"
         device = torch.device(device)
+        diffusion = chain.diffusion
         if seed is None:
             x, key = torch.randn(shape, generator=generator, device=device), None
         else:
             key = diffusion._key(seed, sample_index, 0, device)
             samples = sample_index + torch.arange(shape[0], device=device)
             x = rng.normal(seed, samples, diffusion.num_timesteps, rng.STREAM_PRIOR, shape[1:])
-        coef = diffusion.coefficients(x)
-        for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc="sampling", disable=not progress):
-            t = torch.full((shape[0],), i, device=x.device, dtype=torch.int64)
-            noise = None if key is not None else torch.randn(shape, generator=generator, device=x.device)
-            x = diffusion._step(model, x, t, coef, eta, noise, key)
+        tables, ops = chain.tables(x.device, x.dtype), diffusion._ops(x)
+        history = x.new_zeros(chain.history_slots, *shape)
+        index = torch.empty(shape[0], device=x.device, dtype=torch.int64)
+        for i in tqdm(range(chain.num_steps), desc="sampling", disable=not progress):
+            index.fill_(chain.position(i))
+            out = diffusion._model_at(model, x, tables.model_t.index_select(0, index))
+            noise = torch.randn(shape, generator=generator, device=x.device) if key is None and chain.takes_noise else None
+            chain.update(ops, x, out, index, tables.t.index_select(0, index), tables, history, noise, key)
         return x
 
     # ---- training --------------------------------------------------------------------------

@@ -6,6 +6,8 @@ Each operator is defined, whole, in its own module of `fastddpm.kernels` (see ke
     reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, clip_denoised, eta) -> x_{t−1}
     simple_loss(pred, x0, t, table, noise, key, prediction) -> (per-sample MSE [B], d MSE_b / d pred)
     vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels) -> bits/dim [B]
+    solver_step(x, model_out, step, t, table, history, noise, key, prediction, variance, clip_denoised,
+                stochastic) -> () (x and history written in place)
 
 `FUSED` calls them as ``torch.ops.fastddpm.*`` (the native kernel on the CPU, Triton on CUDA,
 the eager reference for float64 data and elsewhere); `REFERENCE` runs the eager reference
@@ -19,7 +21,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .kernels import q_sample, reverse_step, simple_loss, vlb_terms
+from .kernels import q_sample, reverse_step, simple_loss, solver_step, vlb_terms
 
 
 class Backend(NamedTuple):
@@ -28,11 +30,12 @@ class Backend(NamedTuple):
     reverse_step: Callable
     simple_loss: Callable
     vlb_terms: Callable
+    solver_step: Callable
 
 
-FUSED = Backend("fused", q_sample.op.default, reverse_step.op.default, simple_loss.op.default, vlb_terms.op.default)
-REFERENCE = Backend("reference", q_sample.op.reference, reverse_step.op.reference, simple_loss.op.reference,
-                    vlb_terms.op.reference)
+_OPS = (q_sample, reverse_step, simple_loss, vlb_terms, solver_step)
+FUSED = Backend("fused", *(module.op.default for module in _OPS))
+REFERENCE = Backend("reference", *(module.op.reference for module in _OPS))
 BACKENDS = ("auto", "fused", "reference")
 
 

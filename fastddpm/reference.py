@@ -112,6 +112,34 @@ def reverse_step(
     return mean + nonzero * sigma * noise
 
 
+def solver_step(x, model_out, history, noise, coefs, *, prediction: str, variance: str, clip_denoised: bool):
+    """One step of a multistep DPM-Solver++ chain (`fastddpm.solvers`): (x_t, new history).
+
+    m0 = x̂₀ is the model's data prediction at the step's (α_s, σ_s) — DPM-Solver++ eq. (5):
+    (x_s − σ_s ε)/α_s, the output itself, or α_s x_s − σ_s v —, optionally clipped; then
+    x_t = cx x_s + c0 m0 + c1 m1 + c2 m2 + cz z, where m1, m2 are the earlier steps' x̂₀ in
+    ``history`` [S, B, ...] (S ≤ 2 slots, newest first) and z is ``noise`` (None: no noise term).
+    ``coefs`` maps the chain table's rows (alpha_s, sigma_s, cx, c0, c1, c2, cz) to per-sample
+    values [B]. The new history is (m0, m1) cut to S slots.
+    """
+    pred, _ = split_model_output(model_out, variance)
+    c = {name: _per_sample(values, x) for name, values in coefs.items()}
+    if prediction == "eps":
+        m0 = (x - c["sigma_s"] * pred) / c["alpha_s"]
+    elif prediction == "x0":
+        m0 = pred.to(x.dtype)
+    else:
+        m0 = c["alpha_s"] * x - c["sigma_s"] * pred
+    if clip_denoised:
+        m0 = m0.clamp(-1, 1)
+    out = c["cx"] * x + c["c0"] * m0
+    for slot, name in zip(history, ("c1", "c2")):
+        out = out + c[name] * slot
+    if noise is not None:
+        out = out + c["cz"] * noise
+    return out, torch.stack([m0, *history[:-1]])[: len(history)] if len(history) else history
+
+
 # ---- losses -------------------------------------------------------------------------------
 
 

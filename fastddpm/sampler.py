@@ -1,12 +1,13 @@
 """The sampling engine: many images, in batches, with no host sync inside the reverse chain.
 
-`Sampler` runs `GaussianDiffusion.sample`'s chain (ancestral DDPM, or DDIM(η) with ``eta``;
-respaced with ``steps``) on the fused `reverse_step` operator, with all noise drawn from the
-noise contract: x_T is the contract's prior for each global image index and each step's z is
-drawn inside the kernel from ``key`` = [seed, first index of the batch, 0]. So image k of a
-seed is the same in any batch, at any position, on any number of processes. A step is the
-U-Net (optionally compiled, under autocast, channels-last) and the operator; on CUDA the whole
-step is captured once per batch size in a CUDA graph, so a step costs one ``fill_`` of t and
+`Sampler` runs `GaussianDiffusion.sample`'s chains (`fastddpm.solvers`: ancestral DDPM or
+DDIM(η) on the fused `reverse_step`, DPM-Solver++ and its SDE variant on the fused, in-place
+`solver_step`), with all noise drawn from the noise contract: x_T is the contract's prior for
+each global image index and each step's z is drawn inside the kernel from ``key`` = [seed,
+first index of the batch, 0]. So image k of a seed is the same in any batch, at any position,
+on any number of processes. A step is the U-Net (optionally compiled, under autocast,
+channels-last) and the operator, both updating preallocated tensors; on CUDA the whole step is
+captured once per batch size in a CUDA graph, so a step costs one ``fill_`` of its position and
 one replay. The host waits once per batch, to move its images off the device. Under
 `torch.distributed`, each rank draws a contiguous block of the indices and all ranks gather
 the full result.
@@ -24,11 +25,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import distributed, options, rng
+from . import distributed, options, rng, solvers
 from .datasets import quantize
 from .diffusion import GaussianDiffusion
 from .images import image_grid, save_grid
-from .kernels import checks
 from .ops import FUSED
 from .unet import UNetConfig
 
@@ -43,7 +43,9 @@ COMPILE_BY_DEFAULT = ("cuda",)
 class Sampler:
     """Draws images [n, C, H, W] (float32, on the CPU) from ``model`` under ``diffusion``.
 
-    steps: respace to that many (or those) timesteps; eta: DDIM(η) instead of ancestral DDPM.
+    solver, steps, eta, order, spacing, karras, lower_order_final: the chain (`solvers.solver_for`):
+        "ddpm" (``steps`` respaces), "ddim" (DDIM(η)), "dpmpp_2m" or "dpmpp_2m_sde" (``steps``
+        model evaluations, default 20); by default "ddpm", or "ddim" with an ``eta``.
     batch_size: images per reverse chain (a rank's last batch holds the rest); progress: a tqdm
         bar over the images (of rank 0's block under `torch.distributed`).
     precision: "fp32", "bf16" or "fp16" — autocast for the U-Net only; the chain stays float32.
@@ -54,14 +56,16 @@ class Sampler:
     """
 
     def __init__(
-        self, model: Callable, diffusion: GaussianDiffusion, *, steps: int | Sequence[int] | None = None,
-        eta: float | None = None, batch_size: int = 256, precision: str = "fp32", compile: bool | None = None,
-        cuda_graph: bool | None = None, channels_last: bool | None = None, progress: bool = True,
-        shape: Sequence[int] | None = None,
+        self, model: Callable, diffusion: GaussianDiffusion, *, solver: str | None = None,
+        steps: int | Sequence[int] | None = None, eta: float | None = None, order: int | None = None,
+        spacing: str | None = None, karras: bool | None = None, lower_order_final: bool | None = None,
+        batch_size: int = 256, precision: str = "fp32", compile: bool | None = None, cuda_graph: bool | None = None,
+        channels_last: bool | None = None, progress: bool = True, shape: Sequence[int] | None = None,
     ):
         if not isinstance(diffusion, GaussianDiffusion):
             raise TypeError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
-        checks.eta("reverse_step", eta)
+        self.solver = solvers.solver_for(diffusion, solver, steps, eta=eta, order=order, spacing=spacing,
+                                         karras=karras, lower_order_final=lower_order_final)
         _check_int("batch_size", batch_size, 1)
         options.choice("precision", precision, options.PRECISIONS)
         for name, value in (("compile", compile), ("cuda_graph", cuda_graph), ("channels_last", channels_last)):
@@ -74,9 +78,7 @@ class Sampler:
             raise ValueError(f"cuda_graph=True requires a CUDA device, but the model is on {self.device}")
 
         self.shape = _image_shape(model, shape)
-        self.diffusion = diffusion if steps is None else diffusion.respace(steps)
-        self.coef = self.diffusion.schedule.coefficients(self.device, torch.float32)
-        self.eta = None if eta is None else float(eta)
+        self.tables = self.solver.tables(self.device)
         self.batch_size = batch_size
         self.dtype = options.PRECISIONS[precision]
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
@@ -87,7 +89,7 @@ class Sampler:
         if self.device.type in COMPILE_BY_DEFAULT if compile is None else compile:
             model = torch.compile(model)
         self.model = model
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._graphs: dict[int, tuple] = {}
 
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, start: int = 0) -> torch.Tensor:
@@ -115,49 +117,52 @@ class Sampler:
         return images if world == 1 else _all_gather(images, per_rank, n, self.device)
 
     def _batch(self, seed: int, base: int, size: int) -> torch.Tensor:
-        """Images base … base + size − 1 of ``seed``, by the whole reverse chain."""
+        """Images base … base + size − 1 of ``seed``, by the whole chain."""
         samples = base + torch.arange(size, device=self.device)
-        prior = rng.normal(seed, samples, self.diffusion.num_timesteps, rng.STREAM_PRIOR, self.shape)
+        prior = rng.normal(seed, samples, self.solver.diffusion.num_timesteps, rng.STREAM_PRIOR, self.shape)
         key = rng.noise_key(seed, base, 0, self.device)
-        steps = range(self.diffusion.num_timesteps - 1, -1, -1)
+        positions = [self.solver.position(i) for i in range(self.solver.num_steps)]
         if not self.cuda_graph:
-            x, t = prior, torch.empty(size, dtype=torch.int64, device=self.device)
-            for i in steps:
-                t.fill_(i)
-                x = self._step(x, t, key)
+            x, history = prior, prior.new_zeros(self.solver.history_slots, *prior.shape)
+            index = torch.empty(size, dtype=torch.int64, device=self.device)
+            for position in positions:
+                index.fill_(position)
+                self._step(x, history, index, key)
             return x.cpu()
         with torch.cuda.device(self.device):  # graphs capture and replay on the current device
-            graph, x, t, static_key = self._graphs.get(size) or self._capture(size)
+            graph, x, history, index, static_key = self._graphs.get(size) or self._capture(size)
             x.copy_(prior)
+            history.zero_()
             static_key.copy_(key)
-            for i in steps:
-                t.fill_(i)
+            for position in positions:
+                index.fill_(position)
                 graph.replay()
             return x.cpu()
 
-    def _step(self, x: torch.Tensor, t: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """x_{t−1} from x_t: the U-Net (autocast when ``precision`` asks), then the fused reverse step."""
+    def _step(self, x: torch.Tensor, history: torch.Tensor, index: torch.Tensor, key: torch.Tensor) -> None:
+        """The chain's step at position ``index`` [B], in place: the U-Net (autocast when ``precision``
+        asks), then the solver's fused update of x (and its history)."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=False):
-            out = self.model(x, self.coef.timesteps.index_select(0, t))
-        d = self.diffusion
-        return FUSED.reverse_step(x, out, t, self.coef.table, None, key, d.prediction, d.variance, d.clip_denoised,
-                                  self.eta)
+            out = self.model(x, self.tables.model_t.index_select(0, index))
+        self.solver.update(FUSED, x, out, index, self.tables.t.index_select(0, index), self.tables, history, None, key)
 
     def _capture(self, size: int):
-        """A CUDA graph of one step at batch ``size``, updating its static x in place from its t and key."""
+        """A CUDA graph of one step at batch ``size``, updating its static x and history in place from
+        its position index and key."""
         x = torch.zeros(size, *self.shape, device=self.device)
-        t = torch.zeros(size, dtype=torch.int64, device=self.device)
+        history = x.new_zeros(self.solver.history_slots, *x.shape)
+        index = torch.zeros(size, dtype=torch.int64, device=self.device)
         key = rng.noise_key(0, 0, 0, self.device)
         side = torch.cuda.Stream(self.device)  # warm up (compile, autotune, allocate) off the capture
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(3):
-                self._step(x, t, key)
+                self._step(x, history, index, key)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            x.copy_(self._step(x, t, key))
-        self._graphs[size] = graph, x, t, key
+            self._step(x, history, index, key)
+        self._graphs[size] = graph, x, history, index, key
         return self._graphs[size]
 
 

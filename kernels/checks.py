@@ -65,6 +65,26 @@ def timesteps_and_table(op: str, t: Tensor, table_: Tensor, like: Tensor) -> Non
                          f"{like.device}, got {_what(table_)}")
 
 
+def solver_state(op: str, x: Tensor, step: Tensor, t: Tensor, table_: Tensor, history: Tensor, rows: int) -> None:
+    """A solver step's state: x written in place (contiguous), step and t int64 [B], the chain's
+    [rows, M] table and the history [S ≤ 2, *x.shape] of earlier x̂₀'s (contiguous, written in place)."""
+    if not x.is_contiguous():
+        raise ValueError(f"fastddpm.{op}: x must be contiguous (it is written in place)")
+    for name, index in (("step", step), ("t", t)):
+        if not isinstance(index, Tensor) or index.dtype != torch.int64 or index.shape != x.shape[:1] \
+                or index.device != x.device:
+            raise ValueError(f"fastddpm.{op}: {name} must be int64 ({x.shape[0]},) on {x.device}, got {_what(index)}")
+    if (not isinstance(table_, Tensor) or table_.ndim != 2 or table_.shape[0] != rows or table_.shape[1] < 1
+            or table_.dtype != x.dtype or table_.device != x.device):
+        raise ValueError(f"fastddpm.{op}: table must be a DPMSolverChain.table, {_name(x.dtype)} [{rows}, M] on "
+                         f"{x.device}, got {_what(table_)}")
+    if (not isinstance(history, Tensor) or history.ndim != x.ndim + 1 or history.shape[0] > 2
+            or history.shape[1:] != x.shape or history.dtype != x.dtype or history.device != x.device
+            or not history.is_contiguous()):
+        raise ValueError(f"fastddpm.{op}: history must be a contiguous {_name(x.dtype)} [S, {', '.join(map(str, x.shape))}]"
+                         f" with S = 0, 1 or 2 on {x.device}, got {_what(history)}")
+
+
 def key(op: str, key_: Tensor | None, noise: Tensor | None, like: Tensor) -> None:
     """A `noise_key` (int64 [seed, sample_base, step] on the images' device), unless noise is given."""
     if key_ is None and noise is None:
@@ -101,14 +121,16 @@ def levels(op: str, value) -> None:
         raise ValueError(f"fastddpm.{op}: levels must be an integer >= 2, got {value!r}")
 
 
-def timesteps_in_range(op: str, t: Tensor, T: int) -> None:
-    """Every t[b] in [0, T): read on the CPU; on an accelerator an asynchronous device assertion
-    (it stops the program at the next sync), so nothing waits for the device."""
+def timesteps_in_range(op: str, t: Tensor, T: int, name: str = "t") -> None:
+    """Every t[b] in [0, T) (``name``: the index's argument): read on the CPU; on an accelerator an
+    asynchronous device assertion (it stops the program at the next sync), so nothing waits for the
+    device."""
     if t.numel() == 0 or is_fake(t):
         return
+    message = f"fastddpm.{op}: {name} out of range: values must lie in [0, {T - 1}]"
     if t.device.type == "cpu":
         low, high = torch.aminmax(t)
         if not (0 <= int(low) and int(high) < T):
-            raise ValueError(f"fastddpm.{op}: t out of range: values must lie in [0, {T - 1}]")
+            raise ValueError(message)
     else:
-        torch._assert_async(((t >= 0) & (t < T)).all(), f"fastddpm.{op}: t out of range: values must lie in [0, {T - 1}]")
+        torch._assert_async(((t >= 0) & (t < T)).all(), message)

@@ -30,7 +30,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from fastddpm import options
+from fastddpm import options, solvers
 from fastddpm.schedule import Coefficients
 
 from . import checks
@@ -48,7 +48,8 @@ def _load_native():
         built = _native.names()
         expected = {"rows": Coefficients.row_names(), "predictions": options.PREDICTIONS,
                     "variances": options.VARIANCES,
-                    "model_dtypes": tuple(str(d).removeprefix("torch.") for d in options.MODEL_DTYPES)}
+                    "model_dtypes": tuple(str(d).removeprefix("torch.") for d in options.MODEL_DTYPES),
+                    "solver_rows": solvers.ROWS}
         stale = [k for k, v in expected.items() if tuple(built[k]) != v]
         if not stale:
             return _native
@@ -72,19 +73,21 @@ class Op:
 
 
 def define(name: str, reference: Callable, check: Callable, fake: Callable, *, cpu: Callable | None,
-           cuda: Callable | None, backward: Callable | None = None, setup_context: Callable | None = None) -> Op:
-    """Define ``fastddpm::<name>`` (see the module docstring for the parts)."""
+           cuda: Callable | None, backward: Callable | None = None, setup_context: Callable | None = None,
+           mutates: tuple[str, ...] = (), index: str = "t") -> Op:
+    """Define ``fastddpm::<name>`` (see the module docstring for the parts). ``mutates``: the
+    arguments it writes in place; ``index``: the argument whose values pick the table's columns."""
     params = list(inspect.signature(reference).parameters)
-    at_t, at_table = params.index("t"), params.index("table")
+    at_t, at_table = params.index(index), params.index("table")
 
     def implementation(kernel: Callable | None, kernel_checks_t: bool):
         @functools.wraps(reference)  # torch reads the schema from the signature
         def run(*args):
             if check(*args) == torch.float64 or kernel is None:
-                checks.timesteps_in_range(name, args[at_t], args[at_table].shape[1])
+                checks.timesteps_in_range(name, args[at_t], args[at_table].shape[1], index)
                 return reference(*args)
             if not kernel_checks_t:
-                checks.timesteps_in_range(name, args[at_t], args[at_table].shape[1])
+                checks.timesteps_in_range(name, args[at_t], args[at_table].shape[1], index)
             try:
                 return kernel(*args)
             except ValueError as err:  # the native kernel's own checks (t's range)
@@ -96,8 +99,9 @@ def define(name: str, reference: Callable, check: Callable, fake: Callable, *, c
         check(*args)
         return fake(*args)
 
-    LIBRARY.define(name + torch.library.infer_schema(reference, mutates_args=()))
-    LIBRARY.impl(name, implementation(None, False), "CompositeExplicitAutograd")
+    checked_reference = implementation(None, False)
+    LIBRARY.define(name + torch.library.infer_schema(reference, mutates_args=mutates))
+    LIBRARY.impl(name, checked_reference, "CompositeExplicitAutograd")
     LIBRARY.impl(name, implementation(cpu if native is not None else None, True), "CPU")
     if cuda is not None:
         LIBRARY.impl(name, implementation(cuda, False), "CUDA")
@@ -105,7 +109,7 @@ def define(name: str, reference: Callable, check: Callable, fake: Callable, *, c
     default = getattr(torch.ops.fastddpm, name).default
     if backward is not None:
         torch.library.register_autograd(default, backward, setup_context=setup_context, lib=LIBRARY)
-    return Op(name, default, implementation(None, False))
+    return Op(name, default, checked_reference)
 
 
 # ---- shared by the launchers ---------------------------------------------------------------

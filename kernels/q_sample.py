@@ -75,13 +75,10 @@ def _q_sample_kernel(x0_ptr, t_ptr, table_ptr, noise_ptr, key_ptr, out_ptr, N, Q
 def triton_q_sample(x0, t, table, noise, key):
     x0, t, table = x0.contiguous(), t.contiguous(), table.contiguous()
     noise = None if noise is None else noise.contiguous()
-    out = torch.empty_like(x0)
-    B, N = x0.shape[0], library.per_sample_numel(x0)
-    q, block, warps = tc.launch_config(N)
-    grid_, blocks = tc.grid(B, q, block)
-    tc.launch(_q_sample_kernel, grid_, x0.device, x0, t, table, x0 if noise is None else noise,
-           t if key is None else key, out, N, q, table.shape[1], blocks,
-           HAS_NOISE=noise is not None, BLOCK_G=block, num_warps=warps)
+    out, L = torch.empty_like(x0), tc.launch_plan(x0)
+    tc.launch(_q_sample_kernel, L.grid, x0.device, x0, t, table, x0 if noise is None else noise,
+              t if key is None else key, out, L.N, L.Q, table.shape[1], L.blocks,
+              HAS_NOISE=noise is not None, BLOCK_G=L.block, num_warps=L.warps)
     return out
 
 

@@ -115,16 +115,13 @@ def _reverse_step_kernel(
 def triton_reverse_step(x_t, model_out, t, table, noise, key, prediction, variance, clip_denoised, eta):
     x_t, t, table = x_t.contiguous(), t.contiguous(), table.contiguous()
     noise = None if noise is None else noise.contiguous()
-    B, N = x_t.shape[0], library.per_sample_numel(x_t)
-    model_out, layout, strided = tc.model_layout(model_out, N, x_t.shape[1] if x_t.ndim > 1 else 1)
-    out = torch.empty_like(x_t)
-    q, block, warps = tc.launch_config(N)
-    grid_, blocks = tc.grid(B, q, block)
-    tc.launch(_reverse_step_kernel, grid_, x_t.device, x_t, model_out, t, table, x_t if noise is None else noise,
-           t if key is None else key, out, 0.0 if eta is None else float(eta), N, q, table.shape[1], blocks, *layout,
-           PREDICTION=options.code(prediction, options.PREDICTIONS), VARIANCE=options.code(variance, options.VARIANCES),
-           CLIP=clip_denoised, DDIM=eta is not None, HAS_NOISE=noise is not None, STRIDED=strided, BLOCK_G=block,
-           num_warps=warps)
+    model_out, layout, strided = tc.model_layout(model_out, x_t)
+    out, L = torch.empty_like(x_t), tc.launch_plan(x_t)
+    tc.launch(_reverse_step_kernel, L.grid, x_t.device, x_t, model_out, t, table, x_t if noise is None else noise,
+              t if key is None else key, out, 0.0 if eta is None else float(eta), L.N, L.Q, table.shape[1], L.blocks,
+              *layout, PREDICTION=options.code(prediction, options.PREDICTIONS),
+              VARIANCE=options.code(variance, options.VARIANCES), CLIP=clip_denoised, DDIM=eta is not None,
+              HAS_NOISE=noise is not None, STRIDED=strided, BLOCK_G=L.block, num_warps=L.warps)
     return out
 
 

@@ -107,17 +107,14 @@ def _simple_loss_kernel(
 def triton_simple_loss(pred, x0, t, table, noise, key, prediction):
     x0, t, table = x0.contiguous(), t.contiguous(), table.contiguous()
     noise = None if noise is None else noise.contiguous()
-    B, N = x0.shape[0], library.per_sample_numel(x0)
-    pred, layout, strided = tc.model_layout(pred, N, x0.shape[1] if x0.ndim > 1 else 1)
-    q, block, warps = tc.launch_config(N)
-    grid_, blocks = tc.grid(B, q, block)
-    gradient = torch.empty_like(x0)
-    partial = torch.empty(B, blocks, device=x0.device, dtype=torch.float32)
-    tc.launch(_simple_loss_kernel, grid_, x0.device, pred, x0, t, table, x0 if noise is None else noise,
-           t if key is None else key, gradient, partial, N, q, table.shape[1], blocks, layout[0], *layout[2:],
-           PREDICTION=options.code(prediction, options.PREDICTIONS), HAS_NOISE=noise is not None, STRIDED=strided,
-           BLOCK_G=block, num_warps=warps)
-    return (partial[:, 0] if blocks == 1 else partial.sum(dim=1)), gradient
+    pred, layout, strided = tc.model_layout(pred, x0)
+    L = tc.launch_plan(x0)
+    gradient, partial = torch.empty_like(x0), torch.empty(L.B, L.blocks, device=x0.device, dtype=torch.float32)
+    tc.launch(_simple_loss_kernel, L.grid, x0.device, pred, x0, t, table, x0 if noise is None else noise,
+              t if key is None else key, gradient, partial, L.N, L.Q, table.shape[1], L.blocks, layout[0], *layout[2:],
+              PREDICTION=options.code(prediction, options.PREDICTIONS), HAS_NOISE=noise is not None, STRIDED=strided,
+              BLOCK_G=L.block, num_warps=L.warps)
+    return (partial[:, 0] if L.blocks == 1 else partial.sum(dim=1)), gradient
 
 
 # ---- the operator ---------------------------------------------------------------------------

@@ -14,13 +14,15 @@ grid axis 0 (2³¹ − 1 programs) because axis 1 stops at 65,535.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-from fastddpm import options
+from fastddpm import options, solvers
 from fastddpm.rng import STREAM_PRIOR, STREAM_REVERSE, STREAM_TRAIN
 from fastddpm.schedule import Coefficients
 
-from .library import dense_rows
+from .library import dense_rows, per_sample_numel
 
 try:
     import triton
@@ -41,7 +43,7 @@ except ImportError:  # the kernels below are defined but never launched
     triton = tl = _Stand_in()
     HAS_TRITON = False
 
-# ---- codes and rows as constexprs (fastddpm.options, Coefficients.row_names) ----------------
+# ---- codes and rows as constexprs (fastddpm.options, Coefficients.row_names, solvers.ROWS) ---
 
 EPS = tl.constexpr(options.code("eps", options.PREDICTIONS))
 X0 = tl.constexpr(options.code("x0", options.PREDICTIONS))
@@ -61,6 +63,14 @@ ROW_POSTERIOR_MEAN_COEF2 = tl.constexpr(Coefficients.row("posterior_mean_coef2")
 ROW_POSTERIOR_LOG_VARIANCE_CLIPPED = tl.constexpr(Coefficients.row("posterior_log_variance_clipped"))
 ROW_LOG_BETAS = tl.constexpr(Coefficients.row("log_betas"))
 ROW_LOG_LARGE_VARIANCE = tl.constexpr(Coefficients.row("log_large_variance"))
+
+SOLVER_ALPHA_S = tl.constexpr(solvers.ROWS.index("alpha_s"))
+SOLVER_SIGMA_S = tl.constexpr(solvers.ROWS.index("sigma_s"))
+SOLVER_CX = tl.constexpr(solvers.ROWS.index("cx"))
+SOLVER_C0 = tl.constexpr(solvers.ROWS.index("c0"))
+SOLVER_C1 = tl.constexpr(solvers.ROWS.index("c1"))
+SOLVER_C2 = tl.constexpr(solvers.ROWS.index("c2"))
+SOLVER_CZ = tl.constexpr(solvers.ROWS.index("cz"))
 
 PRIOR = tl.constexpr(STREAM_PRIOR)
 REVERSE = tl.constexpr(STREAM_REVERSE)
@@ -111,6 +121,15 @@ def timestep(t_ptr, b, T):
 def coef(table_ptr, T, t, ok, ROW: tl.constexpr):
     """table[ROW, t]: one per-sample scalar of the [rows, T] coefficient table (NaN where not ok)."""
     return tl.load(table_ptr + ROW * T + t, mask=ok, other=float("nan"))
+
+
+@triton.jit
+def solver_coefs(table_ptr, M, i, ok):
+    """Step i's column of a DPM-Solver++ chain's table: (α_s, σ_s, cx, c0, c1, c2, cz)."""
+    return (coef(table_ptr, M, i, ok, SOLVER_ALPHA_S), coef(table_ptr, M, i, ok, SOLVER_SIGMA_S),
+            coef(table_ptr, M, i, ok, SOLVER_CX), coef(table_ptr, M, i, ok, SOLVER_C0),
+            coef(table_ptr, M, i, ok, SOLVER_C1), coef(table_ptr, M, i, ok, SOLVER_C2),
+            coef(table_ptr, M, i, ok, SOLVER_CZ))
 
 
 @triton.jit
@@ -195,6 +214,27 @@ def normals4(seed, sample, step, stream, g):
 # ---- launching ----------------------------------------------------------------------------
 
 
+class Launch(NamedTuple):
+    """How a kernel over images [B, ...] launches: per-sample numel N, quarter Q, BLOCK_G, warps, the
+    1-D grid and its blocks per sample."""
+
+    B: int
+    N: int
+    Q: int
+    block: int
+    warps: int
+    grid: tuple[int]
+    blocks: int
+
+
+def launch_plan(x: torch.Tensor) -> Launch:
+    """The `Launch` of a kernel over ``x``'s samples (`launch_config`, `grid`)."""
+    B, N = x.shape[0], per_sample_numel(x)
+    q, block, warps = launch_config(N)
+    grid_, blocks = grid(B, q, block)
+    return Launch(B, N, q, block, warps, grid_, blocks)
+
+
 def launch_config(numel: int) -> tuple[int, int, int]:
     """(Q, BLOCK_G, num_warps) for samples of ``numel`` elements: BLOCK_G is Q rounded up to a power
     of two between 32 and 256, and num_warps gives each thread 1 or 2 groups (4–8 elements) with
@@ -211,17 +251,17 @@ def grid(batch: int, q: int, block: int) -> tuple[tuple[int], int]:
     return (batch * blocks,), blocks
 
 
-def model_layout(x: torch.Tensor, numel: int, channels: int) -> tuple[torch.Tensor, tuple, bool]:
-    """A model output (or its mean half) ready to read: (tensor, (batch stride, variance offset,
-    HW, channel stride, pixel stride), STRIDED). Samples that are dense are read as they are, at
-    any batch stride (a learned-range output's mean half too); [B, C, H, W] with H and W
-    collapsible (channels-last) by its strides; anything else is copied. A learned-range output's
-    variance values sit ``channels`` channels (``numel`` elements, when dense) after its mean."""
+def model_layout(x: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, tuple, bool]:
+    """A model output (or its mean half) for images ``like`` ready to read: (tensor, (batch stride,
+    variance offset, HW, channel stride, pixel stride), STRIDED). Samples that are dense are read as
+    they are, at any batch stride (a learned-range output's mean half too); [B, C, H, W] with H and
+    W collapsible (channels-last) by its strides; anything else is copied. A learned-range output's
+    variance values sit ``like``'s C channels (N elements, when dense) after its mean."""
     if dense_rows(x):
-        return x, (x.stride(0), numel, 1, 1, 1), False
+        return x, (x.stride(0), per_sample_numel(like), 1, 1, 1), False
     if x.ndim == 4 and x.stride(2) == x.shape[3] * x.stride(3):
-        return x, (x.stride(0), channels * x.stride(1), x.shape[2] * x.shape[3], x.stride(1), x.stride(3)), True
-    return model_layout(x.contiguous(), numel, channels)
+        return x, (x.stride(0), like.shape[1] * x.stride(1), x.shape[2] * x.shape[3], x.stride(1), x.stride(3)), True
+    return model_layout(x.contiguous(), like)
 
 
 def launch(kernel, grid_, device: torch.device, *args, **constexprs) -> None:

@@ -161,17 +161,16 @@ def _vlb_terms_kernel(
 
 def triton_vlb_terms(model_out, x0, x_t, t, table, prediction, variance, clip_denoised, levels):
     x0, x_t, t, table = x0.contiguous(), x_t.contiguous(), t.contiguous(), table.contiguous()
-    B, N = x0.shape[0], library.per_sample_numel(x0)
-    model_out, layout, strided = tc.model_layout(model_out, N, x0.shape[1] if x0.ndim > 1 else 1)
-    q, block, warps = tc.launch_config(N)
-    grid_, blocks = tc.grid(B, q, block)
-    partial = torch.empty(B, blocks, device=x0.device, dtype=torch.float32)
+    model_out, layout, strided = tc.model_layout(model_out, x0)
+    L = tc.launch_plan(x0)
+    partial = torch.empty(L.B, L.blocks, device=x0.device, dtype=torch.float32)
     half_bin = 1.0 / (levels - 1)  # the thresholds as the reference computes them: in double, then float32
-    tc.launch(_vlb_terms_kernel, grid_, x0.device, model_out, x0, x_t, t, table, partial, half_bin, -1 + half_bin,
-           1 - half_bin, 1.0 / (N * math.log(2.0)), N, q, table.shape[1], blocks, *layout,
-           PREDICTION=options.code(prediction, options.PREDICTIONS), VARIANCE=options.code(variance, options.VARIANCES),
-           CLIP=clip_denoised, STRIDED=strided, BLOCK_G=block, num_warps=warps)
-    return partial[:, 0] if blocks == 1 else partial.sum(dim=1)
+    tc.launch(_vlb_terms_kernel, L.grid, x0.device, model_out, x0, x_t, t, table, partial, half_bin, -1 + half_bin,
+              1 - half_bin, 1.0 / (L.N * math.log(2.0)), L.N, L.Q, table.shape[1], L.blocks, *layout,
+              PREDICTION=options.code(prediction, options.PREDICTIONS),
+              VARIANCE=options.code(variance, options.VARIANCES), CLIP=clip_denoised, STRIDED=strided,
+              BLOCK_G=L.block, num_warps=L.warps)
+    return partial[:, 0] if L.blocks == 1 else partial.sum(dim=1)
 
 
 # ---- the operator ---------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from fastddpm import GaussianDiffusion, NoiseSchedule, UNet, kernels, reference,
 from fastddpm.kernels import q_sample, reverse_step, simple_loss, triton_common, vlb_terms
 from fastddpm.ops import FUSED, REFERENCE, backend_for
 from fastddpm.schedule import Coefficients
+from fastddpm.solvers import DPMSolverChain
 
 B, SHAPE = 3, (3, 5, 7)  # N = 105: odd, not a multiple of any block
 
@@ -51,6 +52,17 @@ def test_opcheck_every_op(coef):
     ]
     for op, args in cases:
         torch.library.opcheck(op, args)
+
+
+def test_opcheck_solver_step_writes_x_and_history_in_place():
+    chain = DPMSolverChain.build(NoiseSchedule.linear(1000), 6, order=3, stochastic=True)
+    x, out, _ = data(6, channels=6)
+    step = torch.tensor([0, 2, 5])
+    for slots, stochastic, variance in [(0, False, "fixed_small"), (2, True, "learned_range"), (1, True, "fixed_small")]:
+        mo = out if variance == "learned_range" else out[:, :3]
+        args = (x.clone(), mo, step, chain.timesteps[step], chain.table.float(), torch.randn(slots, *x.shape), None,
+                rng.noise_key(1, 2), "eps", variance, True, stochastic)
+        torch.library.opcheck(FUSED.solver_step, args)
 
 
 @pytest.mark.parametrize("prediction", ["eps", "x0", "v"])

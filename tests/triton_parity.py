@@ -42,7 +42,8 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from fastddpm import NoiseSchedule, reference, rng  # noqa: E402
-from fastddpm.kernels import q_sample, reverse_step, simple_loss, triton_common, vlb_terms  # noqa: E402
+from fastddpm.kernels import q_sample, reverse_step, simple_loss, solver_step, triton_common, vlb_terms  # noqa: E402
+from fastddpm.solvers import DPMSolverChain  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if MODE not in ("cpu", "cuda", "aot"):
@@ -293,6 +294,47 @@ def test_two_blocks_per_sample(coef, table):
                               clip_denoised=False, levels=256), **TOL_VLB)
 
 
+# ---- solver_step ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain(schedule):
+    return DPMSolverChain.build(schedule, 12, order=3, stochastic=True)
+
+
+@pytest.mark.parametrize("slots", [0, 1, 2])
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_solver_step_matches_reference(chain, prediction, stochastic, slots):
+    """In place, against `reference.solver_step`: dense (float32), learned-range half (float16) and
+    channels-last (bfloat16) outputs, given and drawn noise, 0–2 history slots, columns of every order."""
+    table = chain.table.float()
+    g = gen(40 + slots)
+    step = torch.tensor([0, 1, 2, 5, 9, 10, 11])
+    t = chain.timesteps[step]
+    x, z = torch.randn(B, *SHAPE, generator=g), torch.randn(B, *SHAPE, generator=g)
+    history = torch.randn(slots, B, *SHAPE, generator=g)
+    out2 = torch.randn(B, 2 * SHAPE[0], *SHAPE[1:], generator=g)
+    layouts = {"dense": ("fixed_small", out2[:, : SHAPE[0]].contiguous()), "learned": ("learned_range", out2),
+               "channels_last": ("learned_range", out2.to(memory_format=torch.channels_last))}
+    noises = ["given", "drawn"] if stochastic else ["given"]
+    for ((name, (variance, out)), dtype), noise in itertools.product(zip(layouts.items(), DTYPES), noises):
+        z_ = z if noise == "given" else contract_noise(2**63 + 3, 17, t.tolist(), rng.STREAM_REVERSE, SHAPE)
+        key_ = key(2**63 + 3, 17) if noise == "drawn" else None
+        mo = out.to(dtype)
+        x_ref, h_ref = x.clone(), history.clone()
+        coefs = dict(zip(("alpha_s", "sigma_s", "cx", "c0", "c1", "c2", "cz"), table[:, step].unbind(0)))
+        expected, expected_h = reference.solver_step(x_ref, mo, h_ref, z_ if stochastic else None, coefs,
+                                                     prediction=prediction, variance=variance, clip_denoised=True)
+        got, got_h = dev(x.clone(), history.clone())
+        solver_step.triton_solver_step(got, dev(mo), dev(step), dev(t), dev(table), got_h,
+                                       dev(z) if noise == "given" else None, key_, prediction, variance, True,
+                                       stochastic)
+        tol = TOL_NOISE if noise == "drawn" and stochastic else TOL_STEP
+        close(got, expected, **tol, msg=lambda m: f"{name} {dtype} {noise}: {m}")
+        close(got_h, expected_h, **TOL_STEP, msg=lambda m: f"{name} {dtype} history: {m}")
+
+
 # ---- q_sample -------------------------------------------------------------------------------
 
 
@@ -507,6 +549,14 @@ def _launch_variants(table):
             pred = layouts2[layout][:, :c] if len(shape) > 1 else layouts2[layout][:, :numel]
             yield simple_loss, "_simple_loss_kernel", lambda p=p, z=z, pred=pred: simple_loss.triton_simple_loss(
                 pred, x, t, table, z, k, p)
+        chain = DPMSolverChain.build(NoiseSchedule.linear(T), 6, order=3)
+        step = torch.arange(batch) % 6
+        for p, slots, stochastic, z, layout in itertools.product(PREDICTIONS, [0, 1, 2], [False, True], [x, None],
+                                                                  range(len(layouts2))):
+            history = torch.zeros(slots, *x.shape)
+            yield solver_step, "_solver_step_kernel", lambda p=p, s=stochastic, z=z, h=history, mo=layouts2[layout]: (
+                solver_step.triton_solver_step(x.clone(), mo, step, chain.timesteps[step], chain.table.float(), h, z,
+                                               k, p, "learned_range", True, s))
         for p, v, clip, layout in itertools.product(PREDICTIONS, VARIANCES, [False, True], range(len(layouts))):
             mo = (layouts2 if v == "learned_range" else layouts)[layout]
             yield vlb_terms, "_vlb_terms_kernel", lambda p=p, v=v, clip=clip, mo=mo: vlb_terms.triton_vlb_terms(
@@ -542,9 +592,10 @@ def test_kernels_compile_for_cuda(monkeypatch, table):
         share = recorder.kwargs["BLOCK_G"] // (32 * recorder.kwargs["num_warps"])
         products = len(re.findall(r"\bmul\.hi\.u32\b", binary.asm["ptx"]))
         needs_noise = not (name == "_simple_loss_kernel" and recorder.kwargs["PREDICTION"] == 1)  # x0 target
+        needs_noise &= recorder.kwargs.get("STOCHASTIC", True)  # the ODE solver draws none
         if not recorder.kwargs.get("HAS_NOISE", True) and needs_noise:
             # (fewer where the compiler shares a lane-invariant product, or fuses one into mul.wide)
             assert PHILOX_PRODUCTS * share // 2 < products <= PHILOX_PRODUCTS * share, (name, share, products)
         compiled[name] = compiled.get(name, 0) + 1
     assert compiled == {"_reverse_step_kernel": 288, "_q_sample_kernel": 6, "_simple_loss_kernel": 24,
-                        "_vlb_terms_kernel": 72}, compiled
+                        "_solver_step_kernel": 144, "_vlb_terms_kernel": 72}, compiled

@@ -30,24 +30,25 @@ inline void check_pointer(const void* p, const char* name) {
   require(p != nullptr, [&] { return std::string(name) + " must not be a null pointer"; });
 }
 
-inline void check_timesteps(const int64_t* t, int64_t B, int64_t T) {
+// Every index[b] in [0, T): the column it reads (t of the schedule's table, or a solver's step).
+inline void check_timesteps(const int64_t* index, int64_t B, int64_t T, const char* name = "t") {
   require(T >= 1, [&] { return "T must be >= 1, got " + std::to_string(T); });
   for (int64_t b = 0; b < B; ++b) {
-    require(t[b] >= 0 && t[b] < T, [&] {
-      return "t out of range: t[" + std::to_string(b) + "] = " + std::to_string(t[b]) + ", values must lie in [0, " +
-             std::to_string(T - 1) + "]";
+    require(index[b] >= 0 && index[b] < T, [&] {
+      return std::string(name) + " out of range: " + name + "[" + std::to_string(b) + "] = " +
+             std::to_string(index[b]) + ", values must lie in [0, " + std::to_string(T - 1) + "]";
     });
   }
 }
 
-// What every op checks before reading: no null buffer (``buffers``, then t and the table) and
-// every t[b] inside the table.
-inline void check_inputs(std::initializer_list<std::pair<const void*, const char*>> buffers, const int64_t* t,
-                         const float* table, int64_t B, int64_t T) {
+// What every op checks before reading: no null buffer (``buffers``, then the index and the table)
+// and every index[b] inside the table.
+inline void check_inputs(std::initializer_list<std::pair<const void*, const char*>> buffers, const int64_t* index,
+                         const float* table, int64_t B, int64_t T, const char* index_name = "t") {
   for (const auto& [pointer, name] : buffers) check_pointer(pointer, name);
-  check_pointer(t, "t");
+  check_pointer(index, index_name);
   check_pointer(table, "table");
-  check_timesteps(t, B, T);
+  check_timesteps(index, B, T, index_name);
 }
 
 inline void check_model(int dtype, int64_t batch_stride, int64_t N, bool learned) {

@@ -39,13 +39,15 @@ py::dict names() {
   out["predictions"] = tuple_of(kPredictionNames);
   out["variances"] = tuple_of(kVarianceNames);
   out["model_dtypes"] = tuple_of(kDTypeNames);
+  out["solver_rows"] = tuple_of(kSolverRowNames);
   return out;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(_native, m) {
-  m.doc() = "fastddpm's native CPU kernels (kernels/native): reverse_step, q_sample, simple_loss, vlb_terms, normal";
+  m.doc() = "fastddpm's native CPU kernels (kernels/native): reverse_step, q_sample, simple_loss, vlb_terms, solver_step, "
+            "normal";
   auto release = py::call_guard<py::gil_scoped_release>();
 
   m.def("names", &names, "The table rows, predictions, variances and model dtypes, in the order of their codes.");
@@ -135,4 +137,19 @@ PYBIND11_MODULE(_native, m) {
       py::arg("x0_ptr"), py::arg("xt_ptr"), py::arg("t_ptr"), py::arg("table_ptr"), py::arg("T"), py::arg("B"),
       py::arg("N"), py::arg("prediction"), py::arg("variance"), py::arg("clip"), py::arg("levels"), release,
       "reference.vlb_terms: float32 [B] bits/dim (KL for t > 0, decoder NLL at t = 0).");
+
+  m.def(
+      "solver_step",
+      [](uintptr_t x, uintptr_t model, int model_dtype, int64_t model_batch_stride, uintptr_t step, uintptr_t t,
+         uintptr_t table, int64_t M, int64_t B, int64_t N, uintptr_t history, int64_t slots, bool stochastic,
+         uintptr_t noise, uint64_t seed, int64_t sample_base, int prediction, bool clip) {
+        solver_step(ptr<float>(x), ptr<const void>(model), model_dtype, model_batch_stride, ptr<const int64_t>(step),
+                    ptr<const int64_t>(t), ptr<const float>(table), M, B, N, ptr<float>(history), slots, stochastic,
+                    ptr<const float>(noise), seed, sample_base, prediction, clip);
+      },
+      py::arg("x_ptr"), py::arg("model_ptr"), py::arg("model_dtype"), py::arg("model_batch_stride"),
+      py::arg("step_ptr"), py::arg("t_ptr"), py::arg("table_ptr"), py::arg("M"), py::arg("B"), py::arg("N"),
+      py::arg("history_ptr"), py::arg("slots"), py::arg("stochastic"), py::arg("noise_ptr"), py::arg("seed"),
+      py::arg("sample_base"), py::arg("prediction"), py::arg("clip"), release,
+      "reference.solver_step in place: x and history [slots, B, N] (noise_ptr 0: drawn at step t[b], stream 1).");
 }

@@ -32,4 +32,11 @@ void vlb_terms(float* out, const void* model, int model_dtype, int64_t model_bat
                const float* xt, const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N,
                int prediction, int variance, bool clip, int64_t levels);
 
+// reference.solver_step, in place: step[b] is sample b's column of the chain's float32 [7, M] table,
+// history holds `slots` (0–2) earlier x̂₀'s [slots, B, N]; with `stochastic`, z is given or drawn at
+// (seed, sample_base + b, t[b], STREAM_REVERSE).
+void solver_step(float* x, const void* model, int model_dtype, int64_t model_batch_stride, const int64_t* step,
+                 const int64_t* t, const float* table, int64_t M, int64_t B, int64_t N, float* history, int64_t slots,
+                 bool stochastic, const float* noise, uint64_t seed, int64_t sample_base, int prediction, bool clip);
+
 }  // namespace fastddpm

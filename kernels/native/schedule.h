@@ -45,11 +45,16 @@ inline constexpr const char* kRowNames[kNumRows] = {
     "log_large_variance",
 };
 
+// The rows of a DPM-Solver++ chain's table (fastddpm/solvers.py ROWS), in order: step i's α_s, σ_s
+// and its update's coefficients x ← cx x + c0 m0 + c1 m1 + c2 m2 + cz z.
+enum SolverRow : int { kAlphaS, kSigmaS, kCx, kC0, kC1, kC2, kCz, kNumSolverRows };
+inline constexpr const char* kSolverRowNames[kNumSolverRows] = {"alpha_s", "sigma_s", "cx", "c0", "c1", "c2", "cz"};
+
 // table[row, t] of the float32 [rows, T] table.
 struct Table {
   const float* data;
   int64_t T;
-  float at(Row row, int64_t t) const { return data[row * T + t]; }
+  float at(int row, int64_t t) const { return data[row * T + t]; }
 };
 
 // x̂₀ = from_x · x_t − from_pred · pred for eps and v prediction (reference.predict_x0); x0
