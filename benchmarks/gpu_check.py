@@ -17,8 +17,8 @@ its own (a failure is recorded and the next one runs), within ``--budget`` secon
   torch.compile against eager, fp16 with a GradScaler, and CPU tensors compiled on this CUDA
   machine (they must reach the CPU kernels);
 * ``sampler``: ddpm-cifar10 at batch 256, eager against CUDA graphs and against compile + CUDA
-  graphs + bf16: the same images to tolerance, images/s of each and of the bare U-Net forwards,
-  no sync inside a chain;
+  graphs + bf16, for DDPM (``--steps``) and DPM-Solver++(2M) at 20 steps: the same images to
+  tolerance, images/s of each and of the bare U-Net forwards, no sync inside a chain;
 * ``train``: compiled bf16 training steps of the digits preset (300), the recompile count, no
   sync inside the steps, then the held-out NLL.
 
@@ -48,6 +48,7 @@ import torch
 
 from fastddpm import GaussianDiffusion, NoiseSchedule, UNet, kernels, reference, rng
 from fastddpm.ops import FUSED, REFERENCE
+from fastddpm.solvers import DPMSolverChain
 
 from .harness import RESULTS, Floors, Row, device_name, make_row, read_rows, store, time_call
 
@@ -217,6 +218,9 @@ def sync_free_calls(plan: Plan, rows: list) -> dict:
     key = rng.noise_key(1, 0, 5, plan.device)
     pred = out.clone().requires_grad_()
     model = lambda x_t, timesteps: out  # noqa: E731
+    chain = DPMSolverChain.build(d.schedule, 10, order=3, stochastic=True)
+    chain_table, step = chain.table.to(plan.device, torch.float32), torch.arange(B, device=plan.device) % 10
+    history = torch.zeros(2, B, C, H, W, device=plan.device)
 
     def loss_backward():
         per_sample, _ = FUSED.simple_loss(pred, x, t, table, None, key, "eps")
@@ -234,6 +238,11 @@ def sync_free_calls(plan: Plan, rows: list) -> dict:
         "GaussianDiffusion.p_sample(seed=)": lambda: d.p_sample(model, x, t, seed=3),
         "GaussianDiffusion.p_sample(noise=None)": lambda: d.p_sample(model, x, t),
         "GaussianDiffusion.training_losses(seed=)": lambda: d.training_losses(model, x, t, seed=3, step=7),
+        "solver_step (SDE, in-kernel noise)": lambda: FUSED.solver_step(
+            x.clone(), out, step, chain.timesteps.to(plan.device)[step], chain_table, history, None, key, "eps",
+            "fixed_small", True, True),
+        "GaussianDiffusion.sample(solver='dpmpp_2m')": lambda: d.sample(model, x.shape, solver="dpmpp_2m", steps=5,
+                                                                         seed=3, progress=False, device=plan.device),
     })
 
 
@@ -250,6 +259,9 @@ def kernel_rows(plan: Plan, rows: list) -> dict:
         t = torch.randint(0, 1000, (B,), generator=g).to(plan.device)
         key = rng.noise_key(1, 0, 5, plan.device)
         size = "x".join(map(str, shape))
+        chain = DPMSolverChain.build(NoiseSchedule.linear(1000), 20, order=3, stochastic=True)
+        chain_table, step = chain.table.to(plan.device, torch.float32), torch.arange(B, device=plan.device) % 20
+        chain_t, history = chain.timesteps.to(plan.device)[step], torch.zeros(2, *shape, device=plan.device)
         def train_loss(ops, noise, key_):  # the fused loss's forward: x_t, and the loss with its gradient
             return ops.q_sample(x0, t, table, noise, key_), ops.simple_loss(out, x0, t, table, noise, key_, "eps")
 
@@ -263,6 +275,12 @@ def kernel_rows(plan: Plan, rows: list) -> dict:
             ("train_loss", "fused", "fwd, noise=in-kernel"): (lambda: train_loss(FUSED, None, key), 20 * B * N),
             ("train_loss", "fused", "fwd, noise=given"): (lambda: train_loss(FUSED, z, None), 28 * B * N),
             ("train_loss", "eager", "fwd, noise=given"): (lambda: train_loss(REFERENCE, z, None), 28 * B * N),
+            ("solver_step", "fused", "order 2, ODE"): (lambda: FUSED.solver_step(
+                x.clone(), out, step, chain_t, chain_table, history[:1], None, None, "eps", "fixed_small", True,
+                False), 20 * B * N),
+            ("solver_step", "fused", "order 3, SDE, noise=in-kernel"): (lambda: FUSED.solver_step(
+                x.clone(), out, step, chain_t, chain_table, history, None, key, "eps", "fixed_small", True, True),
+                28 * B * N),
             ("vlb_terms", "fused", "fixed_small"): (
                 lambda: FUSED.vlb_terms(out, x0, x, t, table, "eps", "fixed_small", True, 256), 12 * B * N),
             ("vlb_terms", "eager", "fixed_small"): (
@@ -380,34 +398,44 @@ def sampler(plan: Plan, rows: list) -> dict:
     diffusion = GaussianDiffusion(NoiseSchedule.linear(1000))
     n, steps = plan.sampler_batch, plan.sampler_steps
     levers = {"eager fp32": dict(compile=False, cuda_graph=False)}
+    dpm = dict(solver="dpmpp_2m", steps=20)
     if plan.cuda:  # the graph alone (same kernels: to 1e-3), then with the compiled U-Net in bf16 (to bf16's rounding)
         levers.update({"cuda_graph fp32": dict(compile=False, cuda_graph=True),
-                       "compile+cuda_graph bf16": dict(compile=True, cuda_graph=True, precision="bf16")})
+                       "compile+cuda_graph bf16": dict(compile=True, cuda_graph=True, precision="bf16"),
+                       "dpmpp_2m 20 steps, compile+cuda_graph bf16": dict(compile=True, cuda_graph=True,
+                                                                           precision="bf16", **dpm)})
+    levers["dpmpp_2m 20 steps, eager fp32"] = dict(compile=False, cuda_graph=False, **dpm)
     images, speed, samplers = {}, {}, {}
     for name, options in levers.items():
-        samplers[name] = s = Sampler(model, diffusion, steps=steps, batch_size=n, progress=False, **options)
+        options = {"steps": steps, **options}
+        samplers[name] = s = Sampler(model, diffusion, batch_size=n, progress=False, **options)
         s.sample(n, seed=0)  # warm-up: compile, capture
         sync(plan)
         start = time.perf_counter()
         images[name] = s.sample(n, seed=1)
         seconds = time.perf_counter() - start
         speed[name] = n / seconds
-        rows.append(make_row("sample_e2e", "fused", name, f"{n}x{plan.sampler_preset}, {steps} steps",
+        rows.append(make_row("sample_e2e", "fused", name, f"{n}x{plan.sampler_preset}, {options['steps']} steps",
                              "bf16" if "bf16" in name else "fp32", [n / seconds], "img/s", None, plan.device))
-    differences = {name: {"max": float((im - images["eager fp32"]).abs().max()),
-                          "mean": float((im - images["eager fp32"]).abs().mean())} for name, im in images.items()}
+    eager = {True: images["dpmpp_2m 20 steps, eager fp32"], False: images["eager fp32"]}
+    differences = {name: {"max": float((im - eager["dpmpp" in name]).abs().max()),
+                          "mean": float((im - eager["dpmpp" in name]).abs().mean())} for name, im in images.items()}
     result = {"images_per_s": speed, "difference_to_eager": differences}
     if plan.cuda:
         result["unet_floor_images_per_s"] = _unet_floor(plan, samplers["compile+cuda_graph bf16"], n, steps, rows)
-        graph, x, t, _ = samplers["compile+cuda_graph bf16"]._graphs[n]
-        eager = samplers["eager fp32"]
+        graph, x, history, index, _ = samplers["compile+cuda_graph bf16"]._graphs[n]
+        eager_sampler = samplers["eager fp32"]
         key = rng.noise_key(0, 0, 0, plan.device)
         result["sync_free"] = sync_free(plan, {
             "graph replays": lambda: [graph.replay() for _ in range(3)],
-            "eager steps": lambda: [eager._step(x, t, key) for _ in range(3)],
+            "eager steps": lambda: [eager_sampler._step(x, history, index, key) for _ in range(3)],
         })
         # bf16 against fp32 on the CPU (ddpm-cifar10, 50 steps, 4 images): mean 0.0027, max 0.047
-        if differences["cuda_graph fp32"]["max"] > 1e-3 or differences["compile+cuda_graph bf16"]["mean"] > 2e-2:
+        dpm_graph, _, dpm_history, dpm_index, _ = samplers["dpmpp_2m 20 steps, compile+cuda_graph bf16"]._graphs[n]
+        result["sync_free"].update(sync_free(plan, {"dpmpp_2m graph replays": lambda: [dpm_graph.replay()
+                                                                                        for _ in range(3)]}))
+        bf16 = [v["mean"] for k, v in differences.items() if "bf16" in k]
+        if differences["cuda_graph fp32"]["max"] > 1e-3 or max(bf16) > 2e-2:
             raise AssertionError(f"graphed / compiled images differ from eager: {differences}")
     return result
 

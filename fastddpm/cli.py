@@ -51,6 +51,15 @@ def _device(text: str) -> str:
     return text
 
 
+def _solver(text: str) -> str:
+    from .solvers import check_solver
+
+    try:
+        return check_solver(text.replace("-", "_"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).replace("_", "-")) from None
+
+
 def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -95,8 +104,17 @@ def _add_sample(sub) -> None:
                    help="a .png grid, a .npz (uint8 N×H×W×C, as FID tools read), or a directory of PNGs")
     p.add_argument("--start", "--first-image", dest="start", type=int, default=0,
                    help="index of the first image (image k of a seed never changes)")
-    p.add_argument("--steps", type=_positive_int, default=None, help="respace to this many steps (default: all)")
-    p.add_argument("--eta", type=float, default=None, help="sample with DDIM(eta) instead of ancestral DDPM")
+    p.add_argument("--solver", type=_solver, default=None,
+                   help="ddpm (ancestral), ddim, dpmpp-2m (DPM-Solver++) or dpmpp-2m-sde (its SDE variant) "
+                        "(default: ddpm, or ddim with --eta)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="ddpm/ddim: respace to this many steps (default: all); dpmpp: model evaluations (default: 20)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM's eta (0: deterministic; implies --solver ddim)")
+    p.add_argument("--order", type=int, default=None, help="dpmpp: the multistep order, 1-3 (default: 2)")
+    p.add_argument("--spacing", default=None,
+                   help="dpmpp: timestep spacing, linspace, leading or trailing (default: linspace)")
+    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                   help="dpmpp: Karras et al.'s sigmas instead of --spacing (default: off)")
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step as one CUDA graph (default: on for CUDA)")
@@ -172,7 +190,8 @@ def run_sample(args) -> None:
         header = {}
     else:
         model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
-    sampler = Sampler(model, diffusion, steps=args.steps, eta=args.eta, batch_size=args.batch_size,
+    sampler = Sampler(model, diffusion, solver=args.solver, steps=args.steps, eta=args.eta, order=args.order,
+                      spacing=args.spacing, karras=args.karras, batch_size=args.batch_size,
                       precision=args.precision or "fp32", compile=args.compile, cuda_graph=args.cuda_graph)
     started = time.perf_counter()
     images = sampler.sample(args.n, seed=args.seed or 0, start=args.start)

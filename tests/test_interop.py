@@ -13,12 +13,13 @@ import torch
 
 pytest.importorskip("diffusers")
 
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from safetensors.torch import save_file
 
 from fastddpm import cli
 from fastddpm.interop.diffusers import (
     FastDDPMScheduler,
+    FastDPMSolverScheduler,
     load_pretrained,
     unet_config_from_diffusers,
     unet_from_diffusers,
@@ -245,6 +246,61 @@ def test_ddpm_pipeline_runs_on_the_fast_scheduler():
     assert first.shape == (2, 16, 16, 3)
     assert (images(fast) == first).all()  # the same generator gives the same images
     assert abs(images(slow) - first).max() < 1e-3  # and the images DDPMScheduler gives
+
+
+# ---- the DPM-Solver++ scheduler ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("config", [
+    {}, {"algorithm_type": "sde-dpmsolver++"}, {"solver_order": 3, "timestep_spacing": "trailing"},
+    {"use_karras_sigmas": True, "prediction_type": "v_prediction"},
+    {"algorithm_type": "sde-dpmsolver++", "timestep_spacing": "leading", "steps_offset": 1},
+    {"variance_type": "learned_range"},
+])
+def test_dpm_solver_steps_are_diffusers_steps(config):
+    """Each step from the same sample and model output, the SDE's noise from the same generator,
+    with diffusers on fastddpm's σ's (its own come from a float32 cumprod, 3e-5 off)."""
+    theirs, ours = DPMSolverMultistepScheduler(**config), FastDPMSolverScheduler(**config)
+    theirs.set_timesteps(12)
+    ours.set_timesteps(12)
+    assert torch.equal(ours.timesteps, theirs.timesteps)
+    sigmas = ours.chain.row("sigma_s") / ours.chain.row("alpha_s")
+    theirs.sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)]).float()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, generator=g)
+    channels = 6 if config.get("variance_type") else 3
+    for t in ours.timesteps:
+        out = torch.randn(2, channels, 8, 8, generator=g)
+        expected = theirs.step(out, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        got = ours.step(out, t, x, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        torch.testing.assert_close(got, expected, rtol=2e-5, atol=2e-5)
+        x = expected
+
+
+@pytest.mark.parametrize("option, value", [
+    ("thresholding", True), ("solver_type", "heun"), ("algorithm_type", "dpmsolver"), ("use_lu_lambdas", True),
+    ("final_sigmas_type", "sigma_min"), ("prediction_type", "flow_prediction"), ("beta_schedule", "laplace"),
+])
+def test_unsupported_dpm_solver_options_are_named(option, value):
+    with pytest.raises(ValueError, match=f"DPMSolverMultistepScheduler {option}="):
+        FastDPMSolverScheduler(**{option: value})
+
+
+def test_a_pipeline_runs_on_the_fast_dpm_solver():
+    unet = diffusers_unet(TINY)
+    config = DDPMScheduler(variance_type="fixed_large").config  # a DDPM checkpoint's scheduler, sampled by DPM-Solver++
+    fast = DDPMPipeline(unet=unet, scheduler=FastDPMSolverScheduler.from_config(config))
+    slow = DDPMPipeline(unet=unet, scheduler=DPMSolverMultistepScheduler.from_config(config))
+    for pipe in (fast, slow):
+        pipe.set_progress_bar_config(disable=True)
+
+    def images(pipe):
+        return pipe(batch_size=2, generator=torch.Generator().manual_seed(0), num_inference_steps=10,
+                    output_type="np").images
+
+    first = images(fast)
+    assert first.shape == (2, 16, 16, 3) and (images(fast) == first).all()
+    assert abs(images(slow) - first).max() < 2e-3  # diffusers' σ's, from its float32 cumprod
 
 
 # ---- folders and the command line ------------------------------------------------------------------

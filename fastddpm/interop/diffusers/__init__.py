@@ -9,6 +9,8 @@ config. This package maps them onto fastddpm and back:
 - `scheduler`: `diffusion_from_diffusers`, and `FastDDPMScheduler`, `DDPMScheduler`'s interface
   and numbers on the fused `reverse_step`, so
   ``DDPMPipeline(unet=unet, scheduler=FastDDPMScheduler.from_config(config))`` runs as is.
+- `dpm_solver`: `FastDPMSolverScheduler`, `DPMSolverMultistepScheduler`'s interface (DPM-Solver++
+  and its SDE variant) on the fused, in-place `solver_step`.
 - `folders`: `load_pretrained`, a local diffusers folder (a pipeline, or one model folder) →
   (`UNet`, `GaussianDiffusion`).
 
@@ -28,11 +30,12 @@ except ImportError as err:
         f"fastddpm.interop.diffusers needs diffusers ({err}); install it with: pip install fastddpm[diffusers]"
     ) from err
 
+from .dpm_solver import FastDPMSolverScheduler
 from .folders import load_pretrained
 from .scheduler import FastDDPMScheduler, diffusion_from_diffusers
 from .unet import unet_config_from_diffusers, unet_from_diffusers, unet_to_diffusers
 
 __all__ = [
-    "FastDDPMScheduler", "diffusion_from_diffusers", "load_pretrained", "unet_config_from_diffusers",
+    "FastDDPMScheduler", "FastDPMSolverScheduler", "diffusion_from_diffusers", "load_pretrained", "unet_config_from_diffusers",
     "unet_from_diffusers", "unet_to_diffusers",
 ]

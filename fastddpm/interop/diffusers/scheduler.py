@@ -35,6 +35,20 @@ _SCHEDULES = {
 _SPACINGS = ("leading", "linspace", "trailing")
 
 
+def schedule_of(c: dict, owner: str) -> NoiseSchedule:
+    """The float64 schedule of a scheduler config ``c`` (``owner``'s, its defaults filled in):
+    trained_betas, or beta_schedule with beta_start, beta_end and num_train_timesteps."""
+    T = c["num_train_timesteps"]
+    if c["trained_betas"] is not None:
+        schedule = NoiseSchedule.from_betas(torch.as_tensor(c["trained_betas"], dtype=torch.float64))
+        if len(schedule) != T:
+            raise ValueError(f"{owner} trained_betas has {len(schedule)} values but num_train_timesteps={T}")
+        return schedule
+    if c["beta_schedule"] in _SCHEDULES:
+        return _SCHEDULES[c["beta_schedule"]](T, c["beta_start"], c["beta_end"])
+    raise _unsupported(owner, "beta_schedule", c["beta_schedule"], ", ".join(_SCHEDULES))
+
+
 def _scheduler_options(config) -> tuple[NoiseSchedule, dict]:
     """(schedule, GaussianDiffusion options) of a DDPMScheduler config, or a ValueError
     naming the first option fastddpm does not implement."""
@@ -51,15 +65,7 @@ def _scheduler_options(config) -> tuple[NoiseSchedule, dict]:
         raise _unsupported("DDPMScheduler", "prediction_type", c["prediction_type"], ", ".join(_PREDICTIONS))
     if c["timestep_spacing"] not in _SPACINGS:
         raise _unsupported("DDPMScheduler", "timestep_spacing", c["timestep_spacing"], ", ".join(_SPACINGS))
-    T = c["num_train_timesteps"]
-    if c["trained_betas"] is not None:
-        schedule = NoiseSchedule.from_betas(torch.as_tensor(c["trained_betas"], dtype=torch.float64))
-        if len(schedule) != T:
-            raise ValueError(f"DDPMScheduler trained_betas has {len(schedule)} values but num_train_timesteps={T}")
-    elif c["beta_schedule"] in _SCHEDULES:
-        schedule = _SCHEDULES[c["beta_schedule"]](T, c["beta_start"], c["beta_end"])
-    else:
-        raise _unsupported("DDPMScheduler", "beta_schedule", c["beta_schedule"], ", ".join(_SCHEDULES))
+    schedule = schedule_of(c, "DDPMScheduler")
     options = {"prediction": _PREDICTIONS[c["prediction_type"]], "variance": _VARIANCES[c["variance_type"]],
                "clip_denoised": bool(c["clip_sample"])}
     return schedule, options
@@ -96,7 +102,30 @@ def _step_table(schedule: NoiseSchedule, kept: list[int]) -> tuple[torch.Tensor,
     return table, 1
 
 
-class FastDDPMScheduler(SchedulerMixin, ConfigMixin):
+class FusedScheduler(SchedulerMixin, ConfigMixin):
+    """What the fused schedulers share with diffusers' interface: no input scaling, the length,
+    and ``add_noise`` on the fused q_sample over ``self.schedule``."""
+
+    order = 1
+    init_noise_sigma = 1.0
+
+    def scale_model_input(self, sample: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return sample
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε at the training ``timesteps`` (one, or one per sample)."""
+        x0 = original_samples if original_samples.dtype in (torch.float32, torch.float64) else original_samples.float()
+        t = torch.as_tensor(timesteps, device=x0.device).to(torch.int64).reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(x0.shape[0]).contiguous()
+        full = self.schedule.coefficients(x0.device, x0.dtype)
+        return FUSED.q_sample(x0, t, full.table, noise.to(x0.dtype), None).to(original_samples.dtype)
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+
+class FastDDPMScheduler(FusedScheduler):
     """diffusers' `DDPMScheduler` (same config, attributes and methods) whose `step` is fastddpm's
     fused `reverse_step`: x̂₀, its clipping, the posterior mean and σz in one kernel.
 
@@ -108,7 +137,6 @@ class FastDDPMScheduler(SchedulerMixin, ConfigMixin):
     """
 
     _compatibles: ClassVar[list[str]] = list(DDPMScheduler._compatibles)
-    order = 1
 
     @register_to_config
     def __init__(
@@ -136,7 +164,6 @@ class FastDDPMScheduler(SchedulerMixin, ConfigMixin):
         self.alphas = self.schedule.alphas.float()
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         self.one = torch.tensor(1.0)
-        self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.num_inference_steps = None
         self._use_timesteps(torch.arange(num_train_timesteps - 1, -1, -1))
@@ -154,9 +181,6 @@ class FastDDPMScheduler(SchedulerMixin, ConfigMixin):
         if key not in self._tables:
             self._tables[key] = Coefficients.from_table(self._table.to(device=like.device, dtype=like.dtype).contiguous())
         return self._tables[key]
-
-    def scale_model_input(self, sample: torch.Tensor, timestep: int | None = None) -> torch.Tensor:
-        return sample
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, timesteps: list[int] | None = None):
         """The timesteps to run, as DDPMScheduler chooses them: ``num_inference_steps`` spaced by the
@@ -222,15 +246,3 @@ class FastDDPMScheduler(SchedulerMixin, ConfigMixin):
         if not return_dict:
             return prev, x0
         return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=x0)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε at the training ``timesteps`` (one, or one per sample)."""
-        x0 = original_samples if original_samples.dtype in (torch.float32, torch.float64) else original_samples.float()
-        t = torch.as_tensor(timesteps, device=x0.device).to(torch.int64).reshape(-1)
-        if t.numel() == 1:
-            t = t.expand(x0.shape[0]).contiguous()
-        full = self.schedule.coefficients(x0.device, x0.dtype)
-        return FUSED.q_sample(x0, t, full.table, noise.to(x0.dtype), None).to(original_samples.dtype)
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
