@@ -1,4 +1,4 @@
-"""The `fastddpm` command: train, sample, nll, info.
+"""The `fastddpm` command: train, sample, nll, eval, info.
 
 Errors a user can cause (bad arguments, paths, data, checkpoints, a diverged run) print one
 line to stderr and exit with status 2; no traceback. Each command writes only under the
@@ -64,6 +64,28 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _add_solver(p, default) -> None:
+    p.add_argument("--solver", type=_solver, default=default,
+                   help="ddpm (ancestral), ddim, dpmpp-2m (DPM-Solver++) or dpmpp-2m-sde (its SDE variant) "
+                        "(default: ddpm, or ddim with --eta)")
+    p.add_argument("--steps", type=_positive_int, default=None,
+                   help="ddpm/ddim: respace to this many steps (default: all); dpmpp: model evaluations (default: 20)")
+    p.add_argument("--eta", type=float, default=None, help="DDIM's eta (0: deterministic; implies --solver ddim)")
+    p.add_argument("--order", type=int, default=None, help="dpmpp: the multistep order, 1-3 (default: 2)")
+    p.add_argument("--spacing", default=None,
+                   help="dpmpp: timestep spacing, linspace, leading or trailing (default: linspace)")
+    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
+                   help="dpmpp: Karras et al.'s sigmas instead of --spacing (default: off)")
+
+
+def _sampler(args, model, diffusion, **options):
+    from .sampler import Sampler
+
+    return Sampler(model, diffusion, solver=args.solver, steps=args.steps, eta=args.eta, order=args.order,
+                   spacing=args.spacing, karras=args.karras, batch_size=args.batch_size,
+                   precision=args.precision or "fp32", compile=args.compile, **options)
+
+
 def _add_common(p, compile_help: str) -> None:
     p.add_argument("--device", type=_device, default=None, help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--precision", choices=tuple(options.PRECISIONS), default=None,
@@ -104,17 +126,7 @@ def _add_sample(sub) -> None:
                    help="a .png grid, a .npz (uint8 N×H×W×C, as FID tools read), or a directory of PNGs")
     p.add_argument("--start", "--first-image", dest="start", type=int, default=0,
                    help="index of the first image (image k of a seed never changes)")
-    p.add_argument("--solver", type=_solver, default=None,
-                   help="ddpm (ancestral), ddim, dpmpp-2m (DPM-Solver++) or dpmpp-2m-sde (its SDE variant) "
-                        "(default: ddpm, or ddim with --eta)")
-    p.add_argument("--steps", type=_positive_int, default=None,
-                   help="ddpm/ddim: respace to this many steps (default: all); dpmpp: model evaluations (default: 20)")
-    p.add_argument("--eta", type=float, default=None, help="DDIM's eta (0: deterministic; implies --solver ddim)")
-    p.add_argument("--order", type=int, default=None, help="dpmpp: the multistep order, 1-3 (default: 2)")
-    p.add_argument("--spacing", default=None,
-                   help="dpmpp: timestep spacing, linspace, leading or trailing (default: linspace)")
-    p.add_argument("--karras", action=argparse.BooleanOptionalAction, default=None,
-                   help="dpmpp: Karras et al.'s sigmas instead of --spacing (default: off)")
+    _add_solver(p, default=None)
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step as one CUDA graph (default: on for CUDA)")
@@ -135,6 +147,18 @@ def _add_nll(sub) -> None:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
 
 
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="sample quality of a digits checkpoint: distance, precision and recall "
+                                    "against the held-out digits, beside their floor", formatter_class=_Help)
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, or a run directory (its newest)")
+    p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=1500,
+                   help="samples to score (the floor is at 1500: scores compare at equal n)")
+    p.add_argument("--batch-size", type=_positive_int, default=500, help="images per batch")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
+    _add_solver(p, default=None)
+    _add_common(p, "the U-Net")
+
+
 def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions and kernels in use, and a checkpoint's configuration",
                        formatter_class=_Help)
@@ -144,7 +168,7 @@ def _add_info(sub) -> None:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fastddpm", description="Denoising Diffusion Probabilistic Models, fast.")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_sample, _add_nll, _add_info):
+    for add in (_add_train, _add_sample, _add_nll, _add_eval, _add_info):
         add(sub)
     return p
 
@@ -171,12 +195,16 @@ def run_train(args) -> None:
     print(f"samples:    {metrics['samples']}")
     if "heldout_nll_bpd" in metrics:
         print(f"held-out NLL: {metrics['heldout_nll_bpd']:.4f} bits/dim ({metrics['heldout_images']} images)")
+    if "quality" in metrics:
+        q = metrics["quality"]
+        print(f"sample distance: {q['distance']:.3f} (floor {q['floor']:.3f}; {q['n']} samples, {q['solver']}, "
+              f"{q['steps']} steps; precision {q['precision']:.3f}, recall {q['recall']:.3f})")
 
 
 def run_sample(args) -> None:
     from . import distributed
     from .checkpoint import load_checkpoint
-    from .sampler import Sampler, save_images
+    from .sampler import save_images
 
     if args.out.suffix.lower() not in (".png", ".npz", ""):
         raise ValueError(f"--out must be a .png grid, a .npz file or a directory, got {args.out}")
@@ -190,9 +218,7 @@ def run_sample(args) -> None:
         header = {}
     else:
         model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
-    sampler = Sampler(model, diffusion, solver=args.solver, steps=args.steps, eta=args.eta, order=args.order,
-                      spacing=args.spacing, karras=args.karras, batch_size=args.batch_size,
-                      precision=args.precision or "fp32", compile=args.compile, cuda_graph=args.cuda_graph)
+    sampler = _sampler(args, model, diffusion, cuda_graph=args.cuda_graph)
     started = time.perf_counter()
     images = sampler.sample(args.n, seed=args.seed or 0, start=args.start)
     seconds = time.perf_counter() - started
@@ -229,6 +255,30 @@ def run_nll(args) -> None:
     print(f"held-out NLL: {bpd:.4f} bits/dim ({len(images)} images, {diffusion.num_timesteps} terms)")
 
 
+def run_eval(args) -> None:
+    from . import distributed
+    from .checkpoint import load_checkpoint
+    from .metrics import digit_quality
+
+    rank, _, device = distributed.init(args.device or _default_device())
+    model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    data = header.get("data", {}).get("name", "")
+    if not data.startswith("digits/"):
+        raise ValueError(f"the built-in quality metric scores samples of the bundled digits; this checkpoint was "
+                         f"trained on {data or 'other data'} (for your own images: fastddpm.metrics.fid, the [fid] extra)")
+    sampler = _sampler(args, model, diffusion, progress=False)
+    started = time.perf_counter()
+    images = sampler.sample(args.n, seed=args.seed or 0)
+    seconds = time.perf_counter() - started
+    if rank == 0:
+        q = digit_quality(images.clamp(-1, 1))
+        chain = f"{sampler.solver.name} {sampler.solver.num_steps} steps"
+        print(f"{args.n} samples ({chain}, {args.n / seconds:.1f} images/s) against the {q['reference']} split:")
+        print(f"distance  {q['distance']:.3f}   floor {q['floor']:.3f} (train vs held-out, n = {q['floor_n']})")
+        print(f"precision {q['precision']:.3f}   floor {q['floor_precision']:.3f}")
+        print(f"recall    {q['recall']:.3f}   floor {q['floor_recall']:.3f}")
+
+
 def run_info(args) -> None:
     from . import __version__, kernels
 
@@ -255,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import TrainingError
 
     try:
-        {"train": run_train, "sample": run_sample, "nll": run_nll, "info": run_info}[args.command](args)
+        {"train": run_train, "sample": run_sample, "nll": run_nll, "eval": run_eval, "info": run_info}[args.command](args)
         distributed.shutdown()
     except (ValueError, OSError, TrainingError, CheckpointError, DatasetError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from . import options
+from .solvers import SOLVERS
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,9 @@ class TrainConfig:
     seed: int = 0
     samples: int = 64  # images in each sample grid
     grid_scale: int = 1  # enlarge the grid's images (tiny images are unreadable at 1:1)
+    sample_solver: str = "dpmpp_2m"  # the sampler of the grids and the final score (fastddpm.solvers)
+    sample_steps: int | None = 20  # its steps (None: the solver's default; ddpm: all)
+    quality_images: int = 1500  # samples scored against the held-out digits at the end (digits only; 0: skip)
     nll_images: int | None = None  # held-out images for the final NLL (None: all, 0: skip)
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
     sample_every: int = 0  # steps between EMA sample grids (0: only at the end)
@@ -55,7 +59,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup", "sample_every", "checkpoint_every", "seed"):
+        for name in ("warmup", "sample_every", "checkpoint_every", "seed", "quality_images"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -64,11 +68,14 @@ class TrainConfig:
         for name in ("lr", "grad_clip"):
             if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
+        if self.sample_steps is not None and (isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int)
+                                              or self.sample_steps < 1):
+            raise ValueError(f"sample_steps must be a positive integer or null, got {self.sample_steps!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         for name, allowed in (("prediction", options.PREDICTIONS), ("variance", options.VARIANCES),
                               ("precision", tuple(options.PRECISIONS)), ("loss", options.LOSSES),
-                              ("timestep_sampler", ("uniform", "importance"))):
+                              ("timestep_sampler", ("uniform", "importance")), ("sample_solver", SOLVERS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 

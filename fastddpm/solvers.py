@@ -201,6 +201,7 @@ class Ancestral:
     def __init__(self, diffusion, steps, eta):
         self.diffusion = diffusion if steps is None else diffusion.respace(steps)
         self.eta = eta
+        self.name = "ddpm" if eta is None else "ddim"
         self.num_steps = self.diffusion.num_timesteps
 
     def position(self, i: int) -> int:
@@ -227,6 +228,7 @@ class DPMSolver:
         self.num_steps = self.chain.num_steps
         self.history_slots = max(self.chain.orders) - 1
         self.stochastic = self.takes_noise = stochastic
+        self.name = "dpmpp_2m_sde" if stochastic else "dpmpp_2m"
         self._tables: dict[tuple, Tables] = {}
 
     def position(self, i: int) -> int:

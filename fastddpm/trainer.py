@@ -269,6 +269,8 @@ class Trainer:
                 images = self.heldout.tensor(self.device)[: c.nll_images]
                 metrics["heldout_images"] = len(images)
                 metrics["heldout_nll_bpd"] = heldout_nll(self.ema, self.diffusion, images, 512, c.seed)
+            if self.dataset_info["name"].startswith("digits/") and c.quality_images:
+                metrics["quality"] = self.sample_quality(c.quality_images)
             (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
             if board is not None:
                 board.close()
@@ -276,9 +278,21 @@ class Trainer:
 
     def sample_grid(self, path: Path) -> Path:
         """A grid of ``config.samples`` EMA samples (the same noise at every step: seed = config.seed)."""
-        shape = (self.config.samples, *self.dataset_info["shape"])
-        images = self.diffusion.sample(self.ema, shape, seed=self.config.seed, progress=False, device=self.device)
-        return save_grid(images, path, scale=self.config.grid_scale)
+        return save_grid(self._samples(0, self.config.samples), path, scale=self.config.grid_scale)
+
+    def sample_quality(self, n: int, batch: int = 500) -> dict:
+        """`fastddpm.metrics.digit_quality` of ``n`` EMA samples (images 0 … n − 1 of the run's seed)."""
+        from .metrics import digit_quality
+
+        images = torch.cat([self._samples(start, min(batch, n - start)).cpu() for start in range(0, n, batch)])
+        return {**digit_quality(images.clamp(-1, 1)), "solver": self.config.sample_solver,
+                "steps": self.config.sample_steps}
+
+    def _samples(self, start: int, n: int) -> torch.Tensor:
+        """EMA images start … start + n − 1 of the run's seed, by the config's sampler."""
+        c = self.config
+        return self.diffusion.sample(self.ema, (n, *self.dataset_info["shape"]), seed=c.seed, sample_index=start,
+                                     solver=c.sample_solver, steps=c.sample_steps, progress=False, device=self.device)
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if distributed.any_rank(bad, self.world, self.device):

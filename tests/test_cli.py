@@ -26,7 +26,7 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("command", ["train", "sample", "nll"])
+@pytest.mark.parametrize("command", ["train", "sample", "nll", "eval"])
 def test_help_shows_defaults(command):
     result = cli(command, "--help")
     assert result.returncode == 0 and "(default:" in result.stdout and "(default: None)" not in result.stdout
@@ -44,6 +44,22 @@ def test_nll_of_a_checkpoint_on_the_digits_heldout_split(checkpoint):
     assert result.returncode == 0, result.stderr
     bpd = float(result.stdout.split("held-out NLL: ")[1].split()[0])
     assert 0 < bpd < 30 and "(4 images, 20 terms)" in result.stdout
+
+
+def test_eval_scores_samples_beside_the_floor(checkpoint, tmp_path):
+    result = cli("eval", "--checkpoint", str(checkpoint), "--no-compile", "--n", "16", "--solver", "dpmpp-2m",
+                 "--steps", "4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "16 samples (dpmpp_2m 4 steps" in lines[0] and "digits/heldout" in lines[0]
+    distance, floor = float(lines[1].split()[1]), float(lines[1].split()[3])
+    assert distance > floor > 0 and lines[2].startswith("precision") and lines[3].startswith("recall")
+    other = tmp_path / "other.safetensors"
+    save_checkpoint(other, UNet.from_preset("ddpm-tiny"), GaussianDiffusion(NoiseSchedule.linear(20)),
+                    data={"name": "folder:/x", "shape": [3, 16, 16], "levels": 256})
+    result = cli("eval", "--checkpoint", str(other), "--n", "4")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "scores samples of the bundled digits; this checkpoint was trained on folder:/x" in result.stderr
 
 
 def test_sample_writes_png_and_npz(checkpoint, tmp_path):

@@ -16,7 +16,8 @@ from fastddpm.checkpoint import CheckpointError, latest_checkpoint, load_checkpo
 from fastddpm.config import preset
 from fastddpm.trainer import Trainer, TrainingError
 
-SMALL = dict(steps=4, timesteps=20, batch_size=16, samples=4, nll_images=0, log_every=1, warmup=2, device="cpu")
+SMALL = dict(steps=4, timesteps=20, batch_size=16, samples=4, nll_images=0, quality_images=0, log_every=1, warmup=2,
+             device="cpu")
 
 
 def small(**overrides):
@@ -38,11 +39,15 @@ def cli(*args, cwd=None, env=None):
                           env=env, timeout=600)
 
 
-def test_a_short_run_writes_checkpoints_log_grids_and_nll(tmp_path):
-    config = small(steps=4, checkpoint_every=2, sample_every=2, keep_checkpoints=1, nll_images=6)
+def test_a_short_run_writes_checkpoints_log_grids_nll_and_sample_quality(tmp_path):
+    config = small(steps=4, checkpoint_every=2, sample_every=2, keep_checkpoints=1, nll_images=6, quality_images=12,
+                   sample_steps=3)
     metrics = Trainer(config, tmp_path).fit()
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert metrics["steps"] == 4 and metrics["heldout_images"] == 6 and 0 < metrics["heldout_nll_bpd"] < 20
+    quality = metrics["quality"]  # 4 steps of training: far from the digits, far above the floor
+    assert quality["n"] == 12 and quality["solver"] == "dpmpp_2m" and quality["steps"] == 3
+    assert quality["distance"] > 10 * quality["floor"] > 0 and 0 <= quality["precision"] <= 1
     assert [p.name for p in run_checkpoints(tmp_path)] == ["checkpoint-00000004.safetensors"]  # keep 1
     assert (tmp_path / "samples" / "step-00000002.png").is_file()
     from PIL import Image
