@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -19,6 +20,8 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats: about 2 minutes on a CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--only", nargs="+", choices=sorted(WORKLOADS), default=None, help="run these workloads only")
+    p.add_argument("--checkpoint", type=Path, default=Path("runs/digits"),
+                   help="quality_vs_nfe: the default digits job's run directory (fastddpm train)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -26,11 +29,16 @@ def main(argv=None) -> int:
         return 2
     if not steady_allocator():
         print("note: not glibc; allocation page faults are left in the timings", file=sys.stderr)
-    ctx = Context(device, args.quick, Floors(device, args.quick))
+    names = args.only or list(WORKLOADS)
+    if "quality_vs_nfe" in names and not args.checkpoint.exists():
+        print(f"python -m benchmarks: error: quality_vs_nfe needs the digits job's run {args.checkpoint}: train it "
+              "with `fastddpm train` or pass --checkpoint", file=sys.stderr)
+        return 2
+    ctx = Context(device, args.quick, Floors(device, args.quick), args.checkpoint)
     print(f"copy bandwidth {ctx.floors.bandwidth / 1e9:.1f} GB/s, fp32 matmul peak "
           f"{ctx.floors.peak(torch.float32) / 1e9:.1f} GFLOP/s on {device}", file=sys.stderr)
     rows = []
-    for name in args.only or list(WORKLOADS):
+    for name in names:
         print(f"running {name} …", file=sys.stderr)
         new = WORKLOADS[name](ctx)
         store(new)

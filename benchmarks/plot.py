@@ -1,5 +1,6 @@
 """`python -m benchmarks.plot`: one PNG per workload and device from results.csv — a bar per
-provider · mode, grouped by size and dtype, with the p20–p80 range as an error bar."""
+provider · mode, grouped by size and dtype, with the p20–p80 range as an error bar; for
+quality_vs_nfe, the distance and the speed of each solver against its network evaluations."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         groups[(r["workload"], r["device"])].append(r)
     written = []
     for (workload, device), mine in sorted(groups.items()):
+        if workload == "quality_vs_nfe":
+            written.append(_plot_quality(plt, mine, device, out_dir))
+            continue
         mine.sort(key=lambda r: (r["size"], r["dtype"], r["provider"], r["mode"]))
         labels = [f"{r['size']} {r['dtype']}\n{r['provider']} · {r['mode']}" for r in mine]
         median = [float(r["median"]) for r in mine]
@@ -39,12 +43,44 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
             ax.set_xscale("log")
         ax.set_title(f"{workload} — {device}", fontsize=9)
         fig.tight_layout()
-        slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
-        path = out_dir / f"{workload}-{slug}.png"
+        path = out_dir / f"{workload}-{_slug(device)}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def _slug(device: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+
+
+def _plot_quality(plt, rows: list[dict], device: str, out_dir: Path) -> Path:
+    """Distance against NFE (log x), a line per solver, the p20–p80 range shaded, the floor dashed;
+    and images/s against NFE beside it."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    solvers = sorted({r["provider"] for r in rows if r["provider"] != "floor"})
+    for solver in solvers:
+        for ax, unit in ((left, "distance"), (right, "img/s")):
+            mine = sorted((int(r["mode"].split()[0]), r) for r in rows if r["provider"] == solver and r["unit"] == unit)
+            nfe = [n for n, _ in mine]
+            ax.plot(nfe, [float(r["median"]) for _, r in mine], marker="o", label=solver)
+            ax.fill_between(nfe, [float(r["p20"]) for _, r in mine], [float(r["p80"]) for _, r in mine], alpha=0.15)
+    for r in rows:
+        if r["provider"] == "floor":
+            left.axhline(float(r["median"]), color="black", linestyle="--", linewidth=1,
+                         label=f"floor (train vs held-out, {r['size'].split('x')[0]} images)")
+    size = next(r["size"] for r in rows if r["provider"] != "floor")
+    left.set(xscale="log", xlabel="network evaluations (NFE)", ylabel="distance (lower is better)",
+             title=f"sample quality, {size.split('x')[0]} images a seed")
+    right.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="images/s (higher is better)",
+              title="speed")
+    left.legend(fontsize=7)
+    fig.suptitle(f"quality_vs_nfe — {device}", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"quality_vs_nfe-{_slug(device)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> None:

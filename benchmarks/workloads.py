@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ class Context:
     device: torch.device
     quick: bool
     floors: Floors
+    checkpoint: Path = Path("runs/digits")  # the default digits job's run (fastddpm train), for quality_vs_nfe
 
     @property
     def cuda(self) -> bool:
@@ -330,5 +332,45 @@ def nll(ctx: Context) -> list[Row]:
     return rows
 
 
+# (solver, options, the step counts it runs at): each chain's NFE is its step count
+QUALITY_RUNS = [("ddpm", {}, (1000, 250, 100)), ("ddim", {}, (100, 50, 20)), ("dpmpp_2m", {}, (50, 20, 10)),
+                ("dpmpp_2m", {"karras": True}, (50, 20, 10)), ("dpmpp_2m_sde", {}, (50, 20))]
+
+
+def quality_vs_nfe(ctx: Context) -> list[Row]:
+    """The default digits job's checkpoint (``--checkpoint``) sampled by each solver at several step
+    counts: the distance of n images to the held-out digits (`fastddpm.metrics.digit_quality`; the
+    median and range over seeds, each seed's images a new chain) beside the floor, and images/s
+    of each chain (eager U-Net; no warm-up in the timings)."""
+    from fastddpm.checkpoint import load_checkpoint
+    from fastddpm.metrics import digit_floor, digit_quality
+
+    model, diffusion, header = load_checkpoint(ctx.checkpoint, ctx.device)
+    if not header.get("data", {}).get("name", "").startswith("digits/"):
+        raise ValueError(f"quality_vs_nfe scores the digits job; {ctx.checkpoint} was trained on other data")
+    n, seeds = (300, 1) if ctx.quick else (1500, 3)
+    size = f"{n}x1x8x8"
+    floor = digit_floor()
+    rows = [make_row("quality_vs_nfe", "floor", "train vs held-out", f"{floor['n']}x1x8x8", "fp32",
+                     [floor["distance"]], "distance", None, ctx.device)]
+    for solver, options, step_counts in QUALITY_RUNS:
+        name = solver + (" karras" if options.get("karras") else "")
+        for steps in step_counts:
+            sampler = Sampler(model, diffusion, solver=solver, steps=steps, batch_size=n, progress=False,
+                              compile=False, **options)
+            sampler.sample(2, seed=2**32)  # the first call's allocations, outside the timings
+            distances, speeds = [], []
+            for seed in range(seeds):
+                start = time.perf_counter()
+                images = sampler.sample(n, seed=seed)
+                speeds.append(n / (time.perf_counter() - start))
+                distances.append(digit_quality(images.clamp(-1, 1))["distance"])
+            rows.append(make_row("quality_vs_nfe", name, f"{steps} NFE", size, "fp32", distances, "distance", None,
+                                 ctx.device))
+            rows.append(make_row("quality_vs_nfe", name, f"{steps} NFE, speed", size, "fp32", speeds, "img/s", None,
+                                 ctx.device))
+    return rows
+
+
 WORKLOADS = {"reverse_step": reverse_step, "train_loss": train_loss, "vlb_terms": vlb_terms,
-             "sample_e2e": sample_e2e, "train_e2e": train_e2e, "nll": nll}
+             "sample_e2e": sample_e2e, "train_e2e": train_e2e, "nll": nll, "quality_vs_nfe": quality_vs_nfe}
