@@ -55,26 +55,30 @@ def _slug(device: str) -> str:
 
 
 def _plot_quality(plt, rows: list[dict], device: str, out_dir: Path) -> Path:
-    """Distance against NFE (log x), a line per solver, the p20–p80 range shaded, the floor dashed;
-    and images/s against NFE beside it."""
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    """Against NFE (log x), a line per solver with the p20–p80 range shaded: the distance of all
+    n samples; their distance in sets of the floor's n, with the floor dashed; images/s."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.4))
     solvers = sorted({r["provider"] for r in rows if r["provider"] != "floor"})
+    floor = next(r for r in rows if r["provider"] == "floor")
+    floor_n, n = floor["size"].split("x")[0], next(r["size"] for r in rows if r["provider"] != "floor").split("x")[0]
+    panels = ((axes[0], lambda r: r["unit"] == "distance" and "," not in r["mode"]),
+              (axes[1], lambda r: r["mode"].endswith(f"sets of {floor_n}")),
+              (axes[2], lambda r: r["unit"] == "img/s"))
     for solver in solvers:
-        for ax, unit in ((left, "distance"), (right, "img/s")):
-            mine = sorted((int(r["mode"].split()[0]), r) for r in rows if r["provider"] == solver and r["unit"] == unit)
-            nfe = [n for n, _ in mine]
+        for ax, wanted in panels:
+            mine = sorted((int(r["mode"].split()[0]), r) for r in rows if r["provider"] == solver and wanted(r))
+            nfe = [k for k, _ in mine]
             ax.plot(nfe, [float(r["median"]) for _, r in mine], marker="o", label=solver)
             ax.fill_between(nfe, [float(r["p20"]) for _, r in mine], [float(r["p80"]) for _, r in mine], alpha=0.15)
-    for r in rows:
-        if r["provider"] == "floor":
-            left.axhline(float(r["median"]), color="black", linestyle="--", linewidth=1,
-                         label=f"floor (train vs held-out, {r['size'].split('x')[0]} images)")
-    size = next(r["size"] for r in rows if r["provider"] != "floor")
-    left.set(xscale="log", xlabel="network evaluations (NFE)", ylabel="distance (lower is better)",
-             title=f"sample quality, {size.split('x')[0]} images a seed")
-    right.set(xscale="log", yscale="log", xlabel="network evaluations (NFE)", ylabel="images/s (higher is better)",
-              title="speed")
-    left.legend(fontsize=7)
+    axes[1].axhline(float(floor["median"]), color="black", linestyle="--", linewidth=1,
+                    label=f"floor: the {floor_n} held-out digits")
+    axes[0].set(ylabel="distance (lower is better)", title=f"all {n} samples of a seed vs the training digits")
+    axes[1].set(ylabel="distance (lower is better)", title=f"the same in sets of {floor_n}, beside the floor")
+    axes[2].set(yscale="log", ylabel="images/s (higher is better)", title="speed")
+    for ax in axes:
+        ax.set(xscale="log", xlabel="network evaluations (NFE)")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
     fig.suptitle(f"quality_vs_nfe — {device}", fontsize=9)
     fig.tight_layout()
     path = out_dir / f"quality_vs_nfe-{_slug(device)}.png"

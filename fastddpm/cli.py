@@ -19,7 +19,7 @@ import torch
 
 from . import options
 from .checkpoint import CheckpointError
-from .config import load_config, preset, preset_names
+from .config import TrainConfig, load_config, preset, preset_names
 from .datasets import DatasetError
 
 
@@ -64,10 +64,12 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _add_solver(p, default) -> None:
-    p.add_argument("--solver", type=_solver, default=default,
-                   help="ddpm (ancestral), ddim, dpmpp-2m (DPM-Solver++) or dpmpp-2m-sde (its SDE variant) "
-                        "(default: ddpm, or ddim with --eta)")
+def _add_solver(p) -> None:
+    chain = TrainConfig()
+    p.add_argument("--solver", type=_solver, default=None,
+                   help="ddpm (ancestral), ddim, dpmpp-2m (DPM-Solver++) or dpmpp-2m-sde (its SDE variant) (default: "
+                        f"{chain.sample_solver.replace('_', '-')} with --steps {chain.sample_steps}, as the trainer's "
+                        "grids; ddim with --eta)")
     p.add_argument("--steps", type=_positive_int, default=None,
                    help="ddpm/ddim: respace to this many steps (default: all); dpmpp: model evaluations (default: 20)")
     p.add_argument("--eta", type=float, default=None, help="DDIM's eta (0: deterministic; implies --solver ddim)")
@@ -79,11 +81,17 @@ def _add_solver(p, default) -> None:
 
 
 def _sampler(args, model, diffusion, **options):
+    """The chain --solver names, or without --solver and --eta the trainer's (`TrainConfig`'s
+    sample_solver and sample_steps)."""
     from .sampler import Sampler
 
-    return Sampler(model, diffusion, solver=args.solver, steps=args.steps, eta=args.eta, order=args.order,
-                   spacing=args.spacing, karras=args.karras, batch_size=args.batch_size,
-                   precision=args.precision or "fp32", compile=args.compile, **options)
+    solver, steps = args.solver, args.steps
+    if solver is None and args.eta is None:
+        default = TrainConfig()
+        solver, steps = default.sample_solver, default.sample_steps if steps is None else steps
+    return Sampler(model, diffusion, solver=solver, steps=steps, eta=args.eta, order=args.order, spacing=args.spacing,
+                   karras=args.karras, batch_size=args.batch_size, precision=args.precision or "fp32",
+                   compile=args.compile, **options)
 
 
 def _add_common(p, compile_help: str) -> None:
@@ -126,7 +134,7 @@ def _add_sample(sub) -> None:
                    help="a .png grid, a .npz (uint8 N×H×W×C, as FID tools read), or a directory of PNGs")
     p.add_argument("--start", "--first-image", dest="start", type=int, default=0,
                    help="index of the first image (image k of a seed never changes)")
-    _add_solver(p, default=None)
+    _add_solver(p)
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step as one CUDA graph (default: on for CUDA)")
@@ -149,13 +157,13 @@ def _add_nll(sub) -> None:
 
 def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="sample quality of a digits checkpoint: distance, precision and recall "
-                                    "against the held-out digits, beside their floor", formatter_class=_Help)
+                                    "against the training digits, beside the held-out digits' (the floor)", formatter_class=_Help)
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, or a run directory (its newest)")
     p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=1500,
-                   help="samples to score (the floor is at 1500: scores compare at equal n)")
+                   help="samples to score; they are also scored in sets of 297, the floor's n (scores compare at equal n)")
     p.add_argument("--batch-size", type=_positive_int, default=500, help="images per batch")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    _add_solver(p, default=None)
+    _add_solver(p)
     _add_common(p, "the U-Net")
 
 
@@ -197,8 +205,9 @@ def run_train(args) -> None:
         print(f"held-out NLL: {metrics['heldout_nll_bpd']:.4f} bits/dim ({metrics['heldout_images']} images)")
     if "quality" in metrics:
         q = metrics["quality"]
-        print(f"sample distance: {q['distance']:.3f} (floor {q['floor']:.3f}; {q['n']} samples, {q['solver']}, "
-              f"{q['steps']} steps; precision {q['precision']:.3f}, recall {q['recall']:.3f})")
+        at_floor_n = "–" if q["distance_at_floor_n"] is None else f"{q['distance_at_floor_n']:.3f}"
+        print(f"sample distance: {q['distance']:.3f} ({q['n']} samples, {q['chain']}; "
+              f"in sets of {q['floor_n']}: {at_floor_n}, floor {q['floor']:.3f})")
 
 
 def run_sample(args) -> None:
@@ -272,11 +281,14 @@ def run_eval(args) -> None:
     seconds = time.perf_counter() - started
     if rank == 0:
         q = digit_quality(images.clamp(-1, 1))
-        chain = f"{sampler.solver.name} {sampler.solver.num_steps} steps"
-        print(f"{args.n} samples ({chain}, {args.n / seconds:.1f} images/s) against the {q['reference']} split:")
-        print(f"distance  {q['distance']:.3f}   floor {q['floor']:.3f} (train vs held-out, n = {q['floor_n']})")
-        print(f"precision {q['precision']:.3f}   floor {q['floor_precision']:.3f}")
-        print(f"recall    {q['recall']:.3f}   floor {q['floor_recall']:.3f}")
+        print(f"{args.n} samples ({sampler.solver.label}, {args.n / seconds:.1f} images/s) against the 1500 training digits "
+              f"({q['reference']}):")
+        columns = (f"all {q['n']}", f"in sets of {q['floor_n']}", f"floor: {q['floor_n']} held-out digits")
+        print(f"{'':10}" + "".join(f"{c:>{len(c) + 3}}" for c in columns))
+        for name in ("distance", "precision", "recall"):
+            row = (q[name], q[f"{name}_at_floor_n"], q["floor" if name == "distance" else f"floor_{name}"])
+            print(f"{name:10}" + "".join("–".rjust(len(c) + 3) if v is None else f"{v:{len(c) + 3}.3f}"
+                                          for c, v in zip(columns, row)))
 
 
 def run_info(args) -> None:

@@ -203,6 +203,7 @@ class Ancestral:
         self.eta = eta
         self.name = "ddpm" if eta is None else "ddim"
         self.num_steps = self.diffusion.num_timesteps
+        self.label = f"{self.name}{'' if eta is None else f' (eta {eta:g})'} {self.num_steps} steps"
 
     def position(self, i: int) -> int:
         return self.num_steps - 1 - i
@@ -229,6 +230,8 @@ class DPMSolver:
         self.history_slots = max(self.chain.orders) - 1
         self.stochastic = self.takes_noise = stochastic
         self.name = "dpmpp_2m_sde" if stochastic else "dpmpp_2m"
+        how = ["karras" if karras else spacing] + ([f"order {order}"] if order != 2 else [])
+        self.label = f"{self.name} {self.num_steps} steps ({', '.join(how)})"
         self._tables: dict[tuple, Tables] = {}
 
     def position(self, i: int) -> int:

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed, options, rng
+from . import distributed, options, rng, solvers
 from .checkpoint import (
     CheckpointError,
     checkpoint_path,
@@ -285,8 +285,10 @@ class Trainer:
         from .metrics import digit_quality
 
         images = torch.cat([self._samples(start, min(batch, n - start)).cpu() for start in range(0, n, batch)])
-        return {**digit_quality(images.clamp(-1, 1)), "solver": self.config.sample_solver,
-                "steps": self.config.sample_steps}
+        c = self.config
+        label = solvers.solver_for(self.diffusion, c.sample_solver, c.sample_steps).label
+        return {**digit_quality(images.clamp(-1, 1)), "solver": c.sample_solver, "steps": c.sample_steps,
+                "chain": label}
 
     def _samples(self, start: int, n: int) -> torch.Tensor:
         """EMA images start … start + n − 1 of the run's seed, by the config's sampler."""

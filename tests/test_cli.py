@@ -51,9 +51,11 @@ def test_eval_scores_samples_beside_the_floor(checkpoint, tmp_path):
                  "--steps", "4")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
-    assert "16 samples (dpmpp_2m 4 steps" in lines[0] and "digits/heldout" in lines[0]
-    distance, floor = float(lines[1].split()[1]), float(lines[1].split()[3])
-    assert distance > floor > 0 and lines[2].startswith("precision") and lines[3].startswith("recall")
+    assert "16 samples (dpmpp_2m 4 steps" in lines[0] and "digits/train" in lines[0]
+    assert lines[1].split() == ["all", "16", "in", "sets", "of", "297", "floor:", "297", "held-out", "digits"]
+    name, distance, at_floor_n, floor = lines[2].split()
+    assert name == "distance" and at_floor_n == "–" and float(distance) > float(floor) > 0  # 16 < 297: no set
+    assert lines[3].startswith("precision") and lines[4].startswith("recall") and len(lines) == 5
     other = tmp_path / "other.safetensors"
     save_checkpoint(other, UNet.from_preset("ddpm-tiny"), GaussianDiffusion(NoiseSchedule.linear(20)),
                     data={"name": "folder:/x", "shape": [3, 16, 16], "levels": 256})
@@ -74,6 +76,23 @@ def test_sample_writes_png_and_npz(checkpoint, tmp_path):
     assert Image.open(tmp_path / "s.png").size == (4 * 22, 4 * 22)
 
 
+def test_sample_without_solver_runs_the_trainers_chain(checkpoint):
+    from fastddpm import cli as cli_module
+    from fastddpm.checkpoint import load_checkpoint
+
+    model, diffusion, _ = load_checkpoint(checkpoint, "cpu")
+
+    def chain(*options):
+        args = cli_module.parser().parse_args(["sample", "--checkpoint", str(checkpoint), *options])
+        return cli_module._sampler(args, model, diffusion).solver.label
+
+    assert chain() == "dpmpp_2m_sde 20 steps (linspace)"  # TrainConfig's sample_solver and sample_steps
+    assert chain("--steps", "5", "--karras") == "dpmpp_2m_sde 5 steps (karras)"
+    assert chain("--solver", "dpmpp-2m", "--spacing", "trailing") == "dpmpp_2m 20 steps (trailing)"
+    assert chain("--solver", "ddpm") == "ddpm 20 steps"  # all the checkpoint's steps
+    assert chain("--eta", "0", "--steps", "5") == "ddim (eta 0) 5 steps"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -84,7 +103,10 @@ def test_sample_writes_png_and_npz(checkpoint, tmp_path):
         (["train", "--config", "nope.json"], "config file not found: nope.json"),
         (["train", "--precision", "fp8"], "invalid choice: 'fp8'"),
         (["sample", "--checkpoint", "{ck}", "--eta", "2", "--out", "{tmp}/x.png"], "eta must lie in [0, 1]"),
-        (["sample", "--checkpoint", "{ck}", "--steps", "50", "--out", "{tmp}/x.png"], "steps must be between 2 and 20"),
+        (["sample", "--checkpoint", "{ck}", "--solver", "ddpm", "--steps", "50", "--out", "{tmp}/x.png"],
+         "steps must be between 2 and 20"),
+        (["sample", "--checkpoint", "{ck}", "--steps", "50", "--out", "{tmp}/x.png"],
+         "steps must be an integer between 1 and 20, got 50"),
         (["train", "--data", "/no/such/folder", "--out", "{tmp}/run"], "dataset path does not exist: /no/such/folder"),
         (["train", "--steps", "0"], "expected a positive integer, got '0'"),
         (["train", "--device", "gpu0"], "unknown device 'gpu0'"),

@@ -34,6 +34,7 @@ def test_json_and_yaml_files_start_from_a_preset(tmp_path):
         ({"steps": 0}, ".json", "steps must be a positive integer, got 0"),
         ({"precision": "fp8"}, ".json", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
         ({"ema_decay": 1.0}, ".json", r"ema_decay must lie in \[0, 1\)"),
+        ({"sample_solver": "euler"}, ".json", "sample_solver must be one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"),
         ({"preset": "imagenet"}, ".json", "unknown training preset 'imagenet'"),
         ([1, 2], ".json", "must hold a mapping of TrainConfig fields"),
         ("{not json", ".json", "is not valid JSON"),
@@ -52,3 +53,4 @@ def test_missing_file_and_bad_fields():
         load_config("nope.json")
     with pytest.raises(ValueError, match="variance must be one of"):
         TrainConfig(variance="learned")
+

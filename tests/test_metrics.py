@@ -132,19 +132,36 @@ def test_shipped_weights_load_without_pickle(monkeypatch):
 
 def test_floor_is_small_beside_noise_and_recorded_with_the_weights():
     floor = digit_floor()
-    assert floor["n"] == 1500 and math.isfinite(floor["distance"]) and floor["distance"] > 0
+    assert floor["n"] == 297 and math.isfinite(floor["distance"]) and floor["distance"] > 0
     assert floor["distance"] == pytest.approx(classifier.weights_metadata()["floor"], rel=1e-6)
     assert floor["precision"] > 0.8 and floor["recall"] > 0.8
     noise = digit_quality(uniform_noise(1500))
-    assert noise["floor"] == floor["distance"] and noise["n"] == 1500 and noise["reference"] == "digits/heldout"
-    assert noise["distance"] > 20 * floor["distance"]
+    assert noise["floor"] == floor["distance"] and noise["floor_n"] == 297 and noise["reference"] == "digits/train"
+    assert noise["n"] == 1500 and noise["sets_at_floor_n"] == 5
+    assert noise["distance"] > 20 * floor["distance"] and noise["distance_at_floor_n"] > 20 * floor["distance"]
     assert noise["recall"] < 0.1 and noise["precision"] < 0.5
 
 
-def test_held_out_digits_score_as_themselves():
-    result = digit_quality(digits("heldout").tensor())
+def test_training_digits_score_as_themselves():
+    result = digit_quality(digits("train").tensor())
     assert 0 <= result["distance"] < 1e-9  # the features' Tr Σ is ~500: relative error < 2e-12
-    assert (result["precision"], result["recall"], result["n"]) == (1.0, 1.0, 297)
+    assert (result["precision"], result["recall"], result["n"]) == (1.0, 1.0, 1500)
+
+
+def test_held_out_digits_score_the_floor_and_sets_are_disjoint_297s():
+    heldout = digits("heldout").tensor()
+    floor = digit_floor()
+    result = digit_quality(heldout)
+    assert (result["distance"], result["precision"], result["recall"]) == (
+        floor["distance"], floor["precision"], floor["recall"])
+    assert result["sets_at_floor_n"] == 1 and result["distance_at_floor_n"] == floor["distance"]
+    tail = digit_quality(torch.cat([heldout, heldout[:296]]))  # one whole set of 297, the 296 left over unused
+    assert tail["sets_at_floor_n"] == 1 and tail["distance_at_floor_n"] == floor["distance"]
+    assert tail["recall_at_floor_n"] == floor["recall"] and tail["distance"] != floor["distance"]
+    two = digit_quality(torch.cat([heldout, heldout.flip(0)]))  # two sets: the mean of equal scores
+    assert two["sets_at_floor_n"] == 2 and two["distance_at_floor_n"] == pytest.approx(floor["distance"], rel=1e-12)
+    few = digit_quality(heldout[:100])
+    assert few["sets_at_floor_n"] == 0 and few["distance_at_floor_n"] is None and few["recall_at_floor_n"] is None
 
 
 def test_samples_are_quantized_to_the_digits_levels():

@@ -2,10 +2,10 @@
 
     python -m fastddpm.metrics.train_classifier [--out PATH] [--seed 0] [--epochs N]
 
-It trains on the digits' training split only (the held-out split stays unseen, so it can be
-the metric's reference), with a fixed recipe: fixed seeds, deterministic single-threaded ops,
-a fixed number of epochs, Adam with a cosine learning rate, and random shifts of at most one
-pixel. It prints the accuracies and writes safetensors whose metadata (key ``fastddpm``, JSON)
+It trains on the digits' training split only (the held-out split stays unseen, so its scores
+are the metric's floor: real digits the classifier has not seen, as samples are), with a fixed
+recipe: fixed seeds, deterministic single-threaded ops, a fixed number of epochs, Adam with a
+cosine learning rate, and random shifts of at most one pixel. It prints the accuracies and writes safetensors whose metadata (key ``fastddpm``, JSON)
 records them, the recipe, the versions, and the floor of `fastddpm.metrics.digit_quality`. The
 default --out is the file the package ships, ``fastddpm/data/digit_classifier.safetensors``.
 """
