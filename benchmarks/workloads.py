@@ -334,7 +334,7 @@ def nll(ctx: Context) -> list[Row]:
 
 # (solver, options, the step counts it runs at): each chain's NFE is its step count
 QUALITY_RUNS = [("ddpm", {}, (1000, 250, 100)), ("ddim", {}, (100, 50, 20)), ("dpmpp_2m", {}, (50, 20, 10)),
-                ("dpmpp_2m", {"karras": True}, (50, 20, 10)), ("dpmpp_2m_sde", {}, (50, 20, 10))]
+                ("dpmpp_2m_sde", {}, (50, 20, 10))]
 
 
 def quality_vs_nfe(ctx: Context) -> list[Row]:
@@ -375,5 +375,102 @@ def quality_vs_nfe(ctx: Context) -> list[Row]:
     return rows
 
 
+# ---- data ---------------------------------------------------------------------------------------
+
+ADWAITA = Path("/usr/share/icons/Adwaita/32x32")  # 713 real RGBA icon PNGs, where the theme is installed
+
+
+def _picture(rng: np.random.Generator, size: int, alpha: bool) -> np.ndarray:
+    """A smooth random picture (an upscaled 4×4 grid of colours plus light noise), so it compresses as a
+    photo or an icon does, not as white noise; with an alpha channel, an opaque disc on transparency."""
+    from PIL import Image
+
+    coarse = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+    pixels = np.asarray(coarse).astype(np.int16) + rng.integers(-8, 9, (size, size, 3))
+    pixels = pixels.clip(0, 255).astype(np.uint8)
+    if not alpha:
+        return pixels
+    y, x = np.mgrid[:size, :size] - (size - 1) / 2
+    disc = ((x**2 + y**2) < (0.45 * size) ** 2).astype(np.uint8) * 255
+    return np.dstack([pixels, disc])
+
+
+def _generated_folder(root: Path, n: int, size: int, kind: str) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    for i in range(n):
+        if kind == "png":
+            Image.fromarray(_picture(rng, size, alpha=True), "RGBA").save(root / f"{i:06d}.png")
+        else:
+            Image.fromarray(_picture(rng, size, alpha=False)).save(root / f"{i:06d}.jpg", quality=90)
+    return root
+
+
+def data_loader(ctx: Context) -> list[Row]:
+    """Image folders (fastddpm.datasets.cache): the cache build's images/s (list, header scan, decode,
+    composite, resize, write, fsync) with 1 process and with one a core, on generated RGBA PNGs
+    (64×64 to 32×32), generated JPEG photos (256×256 to 64×64) and, where installed, the Adwaita
+    32×32 icons (713 real RGBA PNGs, no resize), the source files in the page cache; reopening a built
+    cache; then a training step (the auto U-Net at 32×32, batch 64) with the data held in memory against
+    streamed from the cache's memory map (the same batches), and the loader's batch alone."""
+    from fastddpm.config import preset
+    from fastddpm.datasets import image_folder
+    from fastddpm.datasets.cache import default_workers
+    from fastddpm.trainer import Trainer
+
+    rows, cores = [], default_workers()
+    repeats = 2 if ctx.quick else 3
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        n_png, n_jpg = (256, 128) if ctx.quick else (4096, 1024)
+        folders = [("generated RGBA PNG 64->32", _generated_folder(tmp / "png", n_png, 64, "png"), n_png, 32),
+                   ("generated JPEG 256->64", _generated_folder(tmp / "jpg", n_jpg, 256, "jpg"), n_jpg, 64)]
+        if ADWAITA.is_dir():
+            folders.append(("Adwaita 32x32 icons", ADWAITA, sum(1 for _ in ADWAITA.rglob("*.png")), 32))
+        builds = 0
+        for name, root, n, size in folders:
+            for workers in sorted({1, cores}):
+                times = []
+                for _ in range(repeats):
+                    builds += 1
+                    start = time.perf_counter()
+                    image_folder(root, size, cache_dir=tmp / f"cache{builds}", workers=workers)
+                    times.append(time.perf_counter() - start)
+                rows.append(ctx.row("data_loader", "fused", f"cache build, {workers} process(es)",
+                                    f"{n}x {name}", "uint8", times, images=n))
+            reopen = [time.perf_counter()]
+            for _ in range(5):
+                image_folder(root, size, cache_dir=tmp / f"cache{builds}")
+                reopen.append(time.perf_counter())
+            rows.append(ctx.row("data_loader", "fused", "cache reopen (list, stat, index)", f"{n}x {name}", "uint8",
+                                list(np.diff(reopen))))
+
+        batch = 64
+        data = str(tmp / "png")
+        trainers = {}
+        for mode, budget in (("step, data in memory", 1024), ("step, streamed from the memory map", 0)):
+            config = preset("digits", model="auto", data=data, image_size=32, batch_size=batch, nll_images=0,
+                            device=str(ctx.device), data_memory_mb=budget)
+            trainers[mode] = Trainer(config, tmp / mode.replace(" ", "-").replace(",", ""))
+        assert trainers["step, streamed from the memory map"].loader is not None
+        times = time_calls({mode: t.train_step for mode, t in trainers.items()}, ctx.device, repeats + 1,
+                           min_seconds=0.0)
+        params = sum(p.numel() for p in trainers["step, data in memory"].model.parameters())
+        for mode in trainers:
+            rows.append(ctx.row("data_loader", "fused", mode, f"{batch}x3x32x32, auto U-Net {params / 1e6:.1f}M",
+                                "fp32", times[mode]))
+        memory, streamed = trainers.values()
+        steps = iter(range(10**9)), iter(range(10**9))  # each in turn: on CUDA the loader's next batch is ready
+        batches = {"batch, gathered from memory": lambda: memory.data[memory._indices(next(steps[0]))],
+                   "batch, streamed from the memory map": lambda: streamed.loader(next(steps[1]))}
+        times = time_calls(batches, ctx.device, ctx.repeats)
+        for mode, fn in batches.items():
+            rows.append(ctx.row("data_loader", "fused", mode, f"{batch}x3x32x32", "uint8", times[mode]))
+    return rows
+
+
 WORKLOADS = {"reverse_step": reverse_step, "train_loss": train_loss, "vlb_terms": vlb_terms,
-             "sample_e2e": sample_e2e, "train_e2e": train_e2e, "nll": nll, "quality_vs_nfe": quality_vs_nfe}
+             "sample_e2e": sample_e2e, "train_e2e": train_e2e, "nll": nll, "quality_vs_nfe": quality_vs_nfe,
+             "data_loader": data_loader}

@@ -21,6 +21,8 @@ from . import options
 from .checkpoint import CheckpointError
 from .config import TrainConfig, load_config, preset, preset_names
 from .datasets import DatasetError
+from .sizing import describe
+from .unet import PRESETS
 
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
@@ -106,13 +108,22 @@ def _add_common(p, compile_help: str) -> None:
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (default: the bundled digits, a few minutes on a CPU)",
                        formatter_class=_Help)
-    p.add_argument("--preset", default="digits", choices=preset_names(), help="training recipe")
+    p.add_argument("--preset", default=None, choices=preset_names(), help="training recipe (default: digits)")
     p.add_argument("--config", type=Path, default=None,
-                   help="JSON or YAML file of TrainConfig fields (and optionally a preset to start from)")
+                   help="JSON or YAML file of TrainConfig fields; it starts from its own \"preset\", else --preset")
+    p.add_argument("--model", default=None, choices=("auto", *PRESETS),
+                   help="the U-Net: auto (sized to the data and --model-budget) or a preset (default: the recipe's)")
+    p.add_argument("--model-budget", type=float, default=None,
+                   help="auto model: forward MFLOPs per pixel; 1 is ch 32, 12 DDPM's CIFAR-10 width (default: 1)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     p.add_argument("--data", default=None, help="image folder, CIFAR-10 batches folder, or .npz/.npy (default: digits)")
     p.add_argument("--image-size", type=_positive_int, default=None, help="resize an image folder to this size")
+    p.add_argument("--background", default=None,
+                   help="an image folder's transparent pixels are composited on this: white, black or #rrggbb "
+                        "(default: white)")
+    p.add_argument("--channels", type=int, choices=(1, 3), default=None,
+                   help="an image folder's channels (default: 1 when every image is grayscale, else 3)")
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="global batch size, split over torchrun processes (default: the preset's)")
@@ -171,6 +182,9 @@ def _add_info(sub) -> None:
     p = sub.add_parser("info", help="versions and kernels in use, and a checkpoint's configuration",
                        formatter_class=_Help)
     p.add_argument("--checkpoint", type=Path, default=None, help="also describe this checkpoint")
+    p.add_argument("--data", default=None,
+                   help="also the data's shape and the auto model `fastddpm train --data` would build for it")
+    p.add_argument("--image-size", type=_positive_int, default=None, help="with --data: resize an image folder to this")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -184,13 +198,18 @@ def parser() -> argparse.ArgumentParser:
 def run_train(args) -> None:
     from .trainer import Trainer
 
-    overrides = {k: v for k, v in (("data", args.data), ("image_size", args.image_size), ("steps", args.steps),
+    overrides = {k: v for k, v in (("model", args.model), ("model_budget", args.model_budget),
+                                   ("data", args.data), ("image_size", args.image_size),
+                                   ("background", args.background), ("channels", args.channels), ("steps", args.steps),
                                    ("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
                                    ("device", args.device), ("precision", args.precision),
                                    ("compile", args.compile)) if v is not None}
-    config = load_config(args.config, **overrides) if args.config else preset(args.preset, **overrides)
-    out = args.out if args.out is not None else Path("runs") / (args.config.stem if args.config else args.preset)
+    recipe = args.preset or "digits"
+    config = load_config(args.config, args.preset, **overrides) if args.config else preset(recipe, **overrides)
+    out = args.out if args.out is not None else Path("runs") / (args.config.stem if args.config else recipe)
     trainer = Trainer(config, out, resume=args.resume)
+    if trainer.rank == 0:
+        print(f"model: {config.model}, {describe(trainer.model.config)}", flush=True)
     metrics = trainer.fit()
     if trainer.rank != 0:
         return
@@ -300,14 +319,23 @@ def run_info(args) -> None:
     print(f"native CPU kernels: {native}; Triton CUDA kernels: {triton}; "
           f"CUDA: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'not available'}")
     print(f"presets: {', '.join(preset_names())}")
+    if args.data is not None:
+        from .datasets import load_dataset
+        from .sizing import auto_config
+
+        dataset = load_dataset(args.data, args.image_size)
+        channels, height, width = dataset.shape
+        print(f"data: {dataset.name}, {len(dataset):,} images of {channels}x{height}x{width}, {dataset.levels} levels")
+        if height == width:
+            print(f"auto model: {describe(auto_config(channels, height))}")
     if args.checkpoint is not None:
         import json
 
         from .checkpoint import load_checkpoint
 
         model, diffusion, header = load_checkpoint(args.checkpoint)
-        params = sum(p.numel() for p in model.parameters())
-        print(f"checkpoint: step {header.get('step')}, {params:,} parameters, data {header.get('data')}")
+        print(f"checkpoint: step {header.get('step')}, data {header.get('data')}")
+        print(f"model: {header.get('train', {}).get('model', 'a U-Net')}, {describe(model.config)}")
         print(f"diffusion: {json.dumps(diffusion.config())}")
 
 

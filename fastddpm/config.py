@@ -14,14 +14,21 @@ from importlib import resources
 from pathlib import Path
 
 from . import options
+from .datasets.folder import check_channels, parse_background
+from .sizing import DEFAULT_BUDGET
 from .solvers import SOLVERS
+from .unet import PRESETS as UNET_PRESETS
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    model: str = "ddpm-digits"  # U-Net preset; channels and resolution follow the data
+    model: str = "auto"  # "auto" (fastddpm.sizing: sized to the data and model_budget) or a U-Net preset
+    model_budget: float = DEFAULT_BUDGET  # auto: the U-Net's forward MFLOPs per pixel (1: ch 32; 12: DDPM's CIFAR-10 width)
     data: str | None = None  # None: the bundled digits (see fastddpm.datasets.load_dataset)
     image_size: int | None = None  # resize an image folder to this size
+    background: str = "white"  # an image folder's transparent pixels are composited on this: white, black or #rrggbb
+    channels: int | None = None  # an image folder's channels, 1 or 3 (None: 1 when every image is grayscale)
+    data_memory_mb: int = 1024  # data whose float32 copy is larger is streamed batch by batch (fastddpm.loader)
     schedule: str = "linear"
     timesteps: int = 1000
     prediction: str = "eps"
@@ -38,11 +45,11 @@ class TrainConfig:
     hflip: bool = False  # random horizontal flips (not for digits: they are not symmetric)
     seed: int = 0
     samples: int = 64  # images in each sample grid
-    grid_scale: int = 1  # enlarge the grid's images (tiny images are unreadable at 1:1)
+    grid_scale: int | None = None  # enlarge the grid's images (None: 32 // size; tiny images are unreadable at 1:1)
     # the chain of the grids, the final score and `fastddpm sample`'s default (fastddpm.solvers): on the
-    # digits model SDE-DPM-Solver++(2M) at 20 steps scores as 250-1000 ancestral steps do (README)
-    sample_solver: str = "dpmpp_2m_sde"
-    sample_steps: int | None = 20  # its steps (None: the solver's default; ddpm: all)
+    # default digits model DPM-Solver++(2M) at 10 steps scores as 1000 ancestral steps do (README)
+    sample_solver: str = "dpmpp_2m"
+    sample_steps: int | None = 10  # its steps (None: the solver's default; ddpm: all)
     quality_images: int = 1500  # samples scored against the training digits at the end, beside the held-out floor (digits only; 0: skip)
     nll_images: int | None = None  # held-out images for the final NLL (None: all, 0: skip)
     log_every: int = 50  # steps between log lines (the only host syncs of the loop)
@@ -56,7 +63,7 @@ class TrainConfig:
     tf32: bool | None = None  # TF32 matmuls and convolutions in fp32 on CUDA; None: on there (the run records which)
 
     def __post_init__(self):
-        positive = ("timesteps", "steps", "batch_size", "samples", "grid_scale", "log_every", "keep_checkpoints")
+        positive = ("timesteps", "steps", "batch_size", "samples", "log_every", "keep_checkpoints")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -73,6 +80,17 @@ class TrainConfig:
         if self.sample_steps is not None and (isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int)
                                               or self.sample_steps < 1):
             raise ValueError(f"sample_steps must be a positive integer or null, got {self.sample_steps!r}")
+        if self.grid_scale is not None and (isinstance(self.grid_scale, bool) or not isinstance(self.grid_scale, int)
+                                            or self.grid_scale < 1):
+            raise ValueError(f"grid_scale must be a positive integer or null, got {self.grid_scale!r}")
+        if self.model != "auto" and self.model not in UNET_PRESETS:
+            raise ValueError(f"model must be auto or a U-Net preset ({', '.join(UNET_PRESETS)}), got {self.model!r}")
+        if isinstance(self.model_budget, bool) or not isinstance(self.model_budget, (int, float)) or not self.model_budget > 0:
+            raise ValueError(f"model_budget must be a positive number (MFLOPs per pixel), got {self.model_budget!r}")
+        parse_background(self.background)
+        check_channels(self.channels)
+        if isinstance(self.data_memory_mb, bool) or not isinstance(self.data_memory_mb, int) or self.data_memory_mb < 0:
+            raise ValueError(f"data_memory_mb must be a non-negative integer (MiB), got {self.data_memory_mb!r}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
         for name, allowed in (("prediction", options.PREDICTIONS), ("variance", options.VARIANCES),
@@ -98,9 +116,9 @@ def preset(name: str, **overrides) -> TrainConfig:
     return _from_dict({**_fields_of(json.loads(text), f"preset {name}"), **overrides})
 
 
-def load_config(path: str | Path, **overrides) -> TrainConfig:
-    """The config in a JSON or YAML file (its ``preset`` key, default ``digits``, is the base),
-    with fields overridden."""
+def load_config(path: str | Path, base: str | None = None, **overrides) -> TrainConfig:
+    """The config in a JSON or YAML file with fields overridden: it starts from its own ``preset``
+    key, else from the preset ``base``, else from ``digits``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file not found: {path}")
@@ -122,8 +140,7 @@ def load_config(path: str | Path, **overrides) -> TrainConfig:
     else:
         raise ValueError(f"config file must end in .json, .yaml or .yml, got {path}")
     values = _fields_of(values, str(path))
-    base = values.pop("preset", "digits")
-    return preset(base, **{**values, **overrides})
+    return preset(values.pop("preset", base or "digits"), **{**values, **overrides})
 
 
 def _fields_of(values, where: str) -> dict:

@@ -14,11 +14,11 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from . import options, reference, rng, solvers
 from .kernels import checks
 from .ops import backend_for
+from .progress import bar as progress_bar
 from .schedule import Coefficients, NoiseSchedule
 
 Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -258,7 +258,7 @@ class GaussianDiffusion:
         tables, ops = chain.tables(x.device, x.dtype), diffusion._ops(x)
         history = x.new_zeros(chain.history_slots, *shape)
         index = torch.empty(shape[0], device=x.device, dtype=torch.int64)
-        for i in tqdm(range(chain.num_steps), desc="sampling", disable=not progress):
+        for i in progress_bar(range(chain.num_steps), desc="sampling", disable=not progress):
             index.fill_(chain.position(i))
             out = diffusion._model_at(model, x, tables.model_t.index_select(0, index))
             noise = torch.randn(shape, generator=generator, device=x.device) if key is None and chain.takes_noise else None
@@ -366,7 +366,7 @@ class GaussianDiffusion:
         ops = self._ops(x0)
         batch = x0.shape[0]
         vb = torch.empty(batch, self.num_timesteps, dtype=x0.dtype, device=x0.device)
-        for i in tqdm(range(self.num_timesteps - 1, -1, -1), desc="bits/dim", disable=not progress):
+        for i in progress_bar(range(self.num_timesteps - 1, -1, -1), desc="bits/dim", disable=not progress):
             t = torch.full((batch,), i, device=x0.device, dtype=torch.int64)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = ops.q_sample(x0, t, coef.table, noise, None)

@@ -11,12 +11,14 @@ from PIL import Image
 from .datasets import quantize
 
 
-def image_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int = 1) -> Image.Image:
+def image_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2, scale: int | None = None) -> Image.Image:
     """Tile images [N, C, H, W] in [−1, 1] into one 8-bit picture, ``nrow`` per row (default √N),
-    each enlarged ``scale`` times with nearest-neighbour (for tiny images such as 8×8 digits)."""
+    each enlarged ``scale`` times with nearest-neighbour (default: 32 // size, so that tiny images
+    such as 8×8 digits are readable)."""
     if x.ndim != 4 or x.shape[1] not in (1, 3):
         raise ValueError(f"images must have shape [N, 1 or 3, H, W], got {tuple(x.shape)}")
     n, c, h, w = x.shape
+    scale = max(1, 32 // max(h, w)) if scale is None else scale
     nrow = nrow or math.ceil(math.sqrt(n))
     rows = math.ceil(n / nrow)
     pixels = quantize(x.detach().cpu().float(), 256)
@@ -30,7 +32,7 @@ def image_grid(x: torch.Tensor, nrow: int | None = None, padding: int = 2, scale
     return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
-def save_grid(x: torch.Tensor, path, nrow: int | None = None, scale: int = 1) -> Path:
+def save_grid(x: torch.Tensor, path, nrow: int | None = None, scale: int | None = None) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(x, nrow=nrow, scale=scale).save(path)

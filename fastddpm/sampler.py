@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from . import distributed, options, rng, solvers
 from .datasets import quantize
 from .diffusion import GaussianDiffusion
 from .images import image_grid, save_grid
 from .ops import FUSED
+from .progress import bar as progress_bar
 from .unet import UNetConfig
 
 # torch.compile of the U-Net on the CPU, ddpm-digits (8x8, 1 channel), batch 64, respaced to 100
@@ -106,7 +106,7 @@ class Sampler:
         if self.module is not None:
             self.module.eval()  # dropout off: an image is a function of its noise alone
         try:
-            with tqdm(total=len(images), unit="img", desc="sampling", disable=not self.progress or rank != 0) as bar:
+            with progress_bar(total=len(images), unit="img", desc="sampling", disable=not self.progress or rank != 0) as bar:
                 for lo in range(0, len(images), self.batch_size):
                     hi = min(lo + self.batch_size, len(images))
                     images[lo:hi] = self._batch(seed, start + first + lo, hi - lo)

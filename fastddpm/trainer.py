@@ -38,7 +38,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed, options, rng, solvers
 from .checkpoint import (
@@ -55,14 +54,18 @@ from .config import TrainConfig
 from .datasets import load_dataset, load_heldout
 from .diffusion import GaussianDiffusion
 from .images import save_grid
+from .loader import BatchLoader
+from .progress import bar as progress_bar
 from .schedule import NoiseSchedule
+from .sizing import auto_config, preset_for_data
 from .timesteps import LossAwareSampler, sampler_by_name
 from .unet import UNet
 
 # Fields a resumed run must share with the checkpoint's (the rest — steps, logging, device,
 # precision, compile — may change between sessions).
-RESUME_FIELDS = ("model", "data", "image_size", "schedule", "timesteps", "prediction", "variance", "loss",
-                 "timestep_sampler", "batch_size", "lr", "warmup", "ema_decay", "dropout", "hflip", "seed")
+RESUME_FIELDS = ("model", "data", "image_size", "background", "channels", "schedule", "timesteps", "prediction",
+                 "variance", "loss", "timestep_sampler", "batch_size", "lr", "warmup", "ema_decay", "dropout", "hflip",
+                 "seed")
 
 
 class TrainingError(RuntimeError):
@@ -73,10 +76,14 @@ def build(config: TrainConfig, shape: tuple[int, int, int], levels: int) -> tupl
     """The U-Net (sized for data of ``shape`` = (C, H, W)) and the diffusion a config describes."""
     channels, height, width = shape
     if height != width:
-        raise ValueError(f"images must be square, got {height}x{width}")
+        raise ValueError(f"images must be square, got {height}x{width} (an image folder is made square with "
+                         f"--image-size; crop or pad an array)")
     extra = {} if config.dropout is None else {"dropout": config.dropout}
-    model = UNet.from_preset(config.model, in_channels=channels, resolution=height,
-                             learned_variance=config.variance == "learned_range", **extra)
+    learned = config.variance == "learned_range"
+    if config.model == "auto":
+        model = UNet(auto_config(channels, height, config.model_budget, learned_variance=learned, **extra))
+    else:
+        model = UNet(preset_for_data(config.model, channels, height, learned_variance=learned, **extra))
     diffusion = GaussianDiffusion(NoiseSchedule.by_name(config.schedule, config.timesteps),
                                   prediction=config.prediction, variance=config.variance, loss=config.loss,
                                   levels=levels)
@@ -125,13 +132,17 @@ class Trainer:
             raise ValueError(f"{self.out} already holds a run ({existing.name}); pass --resume to continue it "
                              "or choose another --out")
 
-        dataset = load_dataset(config.data, config.image_size)
+        dataset = load_dataset(config.data, config.image_size, background=config.background, channels=config.channels)
         self.dataset_info = {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels}
         self.heldout = load_heldout(config.data, config.image_size)
-        self.data = dataset.tensor(self.device)
-        self.batches_per_epoch = len(self.data) // config.batch_size
+        # held on the device as float32 when that fits data_memory_mb, else streamed from the uint8 codes
+        streamed = len(dataset) * dataset.codes[0].numel() * 4 > config.data_memory_mb * 2**20
+        self.data = None if streamed else dataset.tensor(self.device)
+        self.loader = BatchLoader(dataset, self.device, self._indices) if streamed else None
+        self.images = len(dataset)
+        self.batches_per_epoch = self.images // config.batch_size
         if self.batches_per_epoch == 0:
-            raise ValueError(f"batch_size {config.batch_size} exceeds the {len(self.data)} training images")
+            raise ValueError(f"batch_size {config.batch_size} exceeds the {self.images} training images")
 
         torch.manual_seed(config.seed)  # the initial weights
         model, self.diffusion = build(config, dataset.shape, dataset.levels)
@@ -174,19 +185,25 @@ class Trainer:
     def _batch(self, generator: torch.Generator):
         """This rank's slice of the step's global batch: (x0, t, weights, t and flips of all ranks)."""
         c, B = self.config, self.config.batch_size
-        epoch, k = divmod(self.step, self.batches_per_epoch)
-        if epoch != self._epoch:
-            order_generator = torch.Generator(self.device).manual_seed(derived_seed(c.seed, 1, epoch))
-            self._order = torch.randperm(len(self.data), generator=order_generator, device=self.device)
-            self._epoch = epoch
         t, w = self.timestep_sampler.sample(B, generator=generator)
-        start = k * B + self.rank * self.local_batch
         local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-        x0 = self.data[self._order[start : start + self.local_batch]]
+        x0 = self.data[self._indices(self.step)] if self.loader is None else self.loader(self.step)
         if c.hflip:
             flip = torch.rand(B, generator=generator, device=self.device)[local] < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
         return x0, t[local], w[local], t
+
+    def _indices(self, step: int) -> torch.Tensor:
+        """This rank's images in the global batch of ``step``: its slice of batch k of epoch e's seeded
+        permutation (on the device; on the host, fetched once an epoch, when the data is streamed)."""
+        epoch, k = divmod(step, self.batches_per_epoch)
+        if epoch != self._epoch:
+            order_generator = torch.Generator(self.device).manual_seed(derived_seed(self.config.seed, 1, epoch))
+            order = torch.randperm(self.images, generator=order_generator, device=self.device)
+            self._order = order if self.loader is None else order.cpu()
+            self._epoch = epoch
+        start = k * self.config.batch_size + self.rank * self.local_batch
+        return self._order[start : start + self.local_batch]
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step; returns (loss, gradient norm) as device tensors (no host sync)."""
@@ -224,7 +241,7 @@ class Trainer:
         log = _CsvLog(self.out / "log.csv") if main else None
         board = _tensorboard(self.out) if main else None
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        bar = tqdm(total=c.steps, initial=self.step, desc="training", unit="step", disable=not main)
+        bar = progress_bar(total=c.steps, initial=self.step, desc="training", unit="step", disable=not main)
         started, window = time.perf_counter(), (time.perf_counter(), self.step)
         interrupted = False
         with _stop_on_signals(self):
@@ -332,7 +349,8 @@ class Trainer:
     def _resume(self, path: Path) -> None:
         header, tensors = read_checkpoint(path)
         saved = header.get("train", {})
-        changed = [f for f in RESUME_FIELDS if saved.get(f) != getattr(self.config, f)]
+        # a field newer than the checkpoint holds its default there
+        changed = [f for f in RESUME_FIELDS if saved.get(f, getattr(TrainConfig, f)) != getattr(self.config, f)]
         if changed:
             raise TrainingError(f"{path} was trained with other settings ({', '.join(changed)}); resume with the "
                                 "same config or choose another --out")

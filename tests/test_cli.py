@@ -86,8 +86,8 @@ def test_sample_without_solver_runs_the_trainers_chain(checkpoint):
         args = cli_module.parser().parse_args(["sample", "--checkpoint", str(checkpoint), *options])
         return cli_module._sampler(args, model, diffusion).solver.label
 
-    assert chain() == "dpmpp_2m_sde 20 steps (linspace)"  # TrainConfig's sample_solver and sample_steps
-    assert chain("--steps", "5", "--karras") == "dpmpp_2m_sde 5 steps (karras)"
+    assert chain() == "dpmpp_2m 10 steps (linspace)"  # TrainConfig's sample_solver and sample_steps
+    assert chain("--steps", "5", "--karras") == "dpmpp_2m 5 steps (karras)"
     assert chain("--solver", "dpmpp-2m", "--spacing", "trailing") == "dpmpp_2m 20 steps (trailing)"
     assert chain("--solver", "ddpm") == "ddpm 20 steps"  # all the checkpoint's steps
     assert chain("--eta", "0", "--steps", "5") == "ddim (eta 0) 5 steps"
@@ -146,3 +146,23 @@ def test_torchrun_sampling_writes_what_one_process_writes(checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("wrote 4 samples") == 1  # rank 0 writes
     np.testing.assert_array_equal(np.load(tmp_path / "two.npz")["arr_0"], np.load(tmp_path / "one.npz")["arr_0"])
+
+
+def test_train_on_28x28_arrays_sizes_the_model_to_the_data(tmp_path):
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "fmnist.npy", rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8))  # Fashion-MNIST's layout
+    args = ["train", "--data", str(tmp_path / "fmnist.npy"), "--steps", "2", "--batch-size", "8", "--out",
+            str(tmp_path / "run")]
+    result = cli(*args, "--model", "ddpm-cifar10")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and not (tmp_path / "run").exists()
+    assert "model ddpm-cifar10 does not take 28x28 images" in result.stderr and "use the auto model" in result.stderr
+    result = cli(*args)  # the default recipe: the auto model
+    assert result.returncode == 0, result.stderr
+    assert "model: auto, 1x28x28 images, ch 32 x (1, 2, 2), 1 residual block(s) a level, attention at 14x14" in result.stdout
+    from PIL import Image
+
+    assert Image.open(tmp_path / "run" / "samples.png").size == (8 * 30 + 2, 8 * 30 + 2)  # 28 px at 1:1
+    info = cli("info", "--checkpoint", str(tmp_path / "run"), "--data", str(tmp_path / "fmnist.npy"))
+    assert "model: auto, 1x28x28 images, ch 32" in info.stdout
+    assert "40 images of 1x28x28, 256 levels" in info.stdout
+    assert "auto model: 1x28x28 images, ch 32 x (1, 2, 2)" in info.stdout

@@ -13,7 +13,7 @@ def test_presets_are_the_recipes():
     assert (cifar.lr, cifar.warmup, cifar.grad_clip, cifar.batch_size, cifar.ema_decay, cifar.dropout, cifar.hflip,
             cifar.loss, cifar.model) == (2e-4, 5000, 1.0, 128, 0.9999, 0.1, True, "simple", "ddpm-cifar10")
     digits = preset("digits")
-    assert (digits.lr, digits.ema_decay, digits.steps, digits.grid_scale) == (2e-3, 0.995, 1500, 4)
+    assert (digits.lr, digits.ema_decay, digits.steps, digits.model, digits.grid_scale) == (2e-3, 0.995, 1500, "auto", None)
     assert preset("digits", steps=7).steps == 7
 
 
@@ -27,6 +27,14 @@ def test_json_and_yaml_files_start_from_a_preset(tmp_path):
     assert (config.steps, config.batch_size, config.lr) == (3, 8, 2e-3)  # digits is the default base
 
 
+def test_a_config_file_starts_from_the_preset_given_unless_it_names_its_own(tmp_path):
+    (tmp_path / "plain.json").write_text(json.dumps({"steps": 10}))
+    (tmp_path / "own.json").write_text(json.dumps({"preset": "digits", "steps": 10}))
+    assert load_config(tmp_path / "plain.json", "cifar10").warmup == 5000  # --preset cifar10 --config plain.json
+    assert load_config(tmp_path / "own.json", "cifar10").warmup == 100  # the file's own preset wins
+    assert load_config(tmp_path / "plain.json").warmup == 100
+
+
 @pytest.mark.parametrize(
     "content, suffix, message",
     [
@@ -35,6 +43,9 @@ def test_json_and_yaml_files_start_from_a_preset(tmp_path):
         ({"precision": "fp8"}, ".json", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
         ({"ema_decay": 1.0}, ".json", r"ema_decay must lie in \[0, 1\)"),
         ({"sample_solver": "euler"}, ".json", "sample_solver must be one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"),
+        ({"model": "unet-xl"}, ".json", r"model must be auto or a U-Net preset \(ddpm-cifar10, ddpm-256, ddpm-digits"),
+        ({"model_budget": 0}, ".json", r"model_budget must be a positive number \(MFLOPs per pixel\), got 0"),
+        ({"grid_scale": 0}, ".json", "grid_scale must be a positive integer or null, got 0"),
         ({"preset": "imagenet"}, ".json", "unknown training preset 'imagenet'"),
         ([1, 2], ".json", "must hold a mapping of TrainConfig fields"),
         ("{not json", ".json", "is not valid JSON"),

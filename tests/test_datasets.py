@@ -26,6 +26,12 @@ from fastddpm.datasets import (  # noqa: E402
 )
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(tmp_path_factory, monkeypatch):
+    """Image folders are decoded into a cache: keep it out of the home directory."""
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 # ---------------------------------------------------------------- digits
 
 
@@ -113,7 +119,7 @@ def test_image_folder(tmp_path):
     x = ds.tensor()
     assert x.dtype == torch.float32 and float(x.min()) >= -1 and float(x.max()) <= 1
     # sorted by relative path: a.JPG, b.png, sub/c.jpeg, sub/d.png
-    assert torch.all(ds.codes[3] == 200)  # the RGBA one, alpha dropped
+    assert torch.all(ds.codes[3] == round((200 * 200 + 255 * 55) / 255))  # the RGBA one, alpha 200 on white
     gray = ds.codes[2]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     # deterministic

@@ -46,8 +46,8 @@ def test_a_short_run_writes_checkpoints_log_grids_nll_and_sample_quality(tmp_pat
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert metrics["steps"] == 4 and metrics["heldout_images"] == 6 and 0 < metrics["heldout_nll_bpd"] < 20
     quality = metrics["quality"]  # 4 steps of training: far from the digits, far above the floor
-    assert quality["n"] == 12 and quality["solver"] == "dpmpp_2m_sde" and quality["steps"] == 3
-    assert quality["chain"] == "dpmpp_2m_sde 3 steps (linspace)"
+    assert quality["n"] == 12 and quality["solver"] == "dpmpp_2m" and quality["steps"] == 3
+    assert quality["chain"] == "dpmpp_2m 3 steps (linspace)"
     assert quality["distance"] > 10 * quality["floor"] > 0 and 0 <= quality["precision"] <= 1
     assert [p.name for p in run_checkpoints(tmp_path)] == ["checkpoint-00000004.safetensors"]  # keep 1
     assert (tmp_path / "samples" / "step-00000002.png").is_file()

@@ -1,4 +1,4 @@
-"""The in-memory image set every loader returns, and the mapping of its codes to floats.
+"""The image set every loader returns, and the mapping of its codes to floats.
 
 A set is held as uint8 intensity codes 0..levels-1; a model sees them as float32 in [-1, 1],
 x = v / (levels - 1) * 2 - 1, and `quantize` maps samples back to the codes. `DatasetError` is
@@ -49,13 +49,14 @@ def quantize(x: torch.Tensor, levels: int = 256) -> torch.Tensor:
 
 
 class ImageDataset(Dataset):
-    """An image set held in memory: ``codes`` is uint8 [N, C, H, W] with values 0..levels-1.
+    """An image set: ``codes`` is uint8 [N, C, H, W] with values 0..levels-1, in memory or, for an
+    image folder, the memory map of its decoded cache (rows are read when indexed).
 
     ``levels`` is 256 for 8-bit images and 17 for the digits; ``name`` describes the set (e.g.
     "digits/train"); ``labels`` is int64 [N] where the source has class labels (digits,
     CIFAR-10), else None. ``ds[i]`` is one image, float32 [C, H, W] in [-1, 1], without its
     label, so the set works with a DataLoader; `tensor` gives the whole set at once, as the
-    small sets are trained from memory.
+    small sets are trained from memory (larger ones are streamed, `fastddpm.loader`).
     """
 
     def __init__(
