@@ -1,8 +1,10 @@
 """The `fastddpm` command: train, sample, nll, eval, info.
 
 Errors a user can cause (bad arguments, paths, data, checkpoints, a diverged run) print one
-line to stderr and exit with status 2; no traceback. Each command writes only under the
-output path it is given (train: --out; sample: --out; nll and info write nothing).
+line to stderr and exit with status 2, before any work where they can be known before it; no
+traceback. A run stopped by a signal exits with 128 + its number (SIGINT 130, SIGTERM 143), a
+`train` after saving a checkpoint to resume from. Each command writes only under the output
+path it is given (train: --out; sample: --out; nll and info write nothing).
 Under ``torchrun --nproc_per_node=G -m fastddpm train|sample ...`` the work is spread over G
 processes and rank 0 writes the results.
 """
@@ -11,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import platform
+import signal
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from . import options
+from . import options, validate
 from .checkpoint import CheckpointError
 from .config import TrainConfig, load_config, preset, preset_names
 from .datasets import DatasetError
@@ -45,12 +48,9 @@ def _positive_int(text: str) -> int:
 
 def _device(text: str) -> str:
     try:
-        device = torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"device {text!r} requested but CUDA is not available")
-    return text
+        return validate.device("device", text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _solver(text: str) -> str:
@@ -116,7 +116,9 @@ def _add_train(sub) -> None:
     p.add_argument("--model-budget", type=float, default=None,
                    help="auto model: forward MFLOPs per pixel; 1 is ch 32, 12 DDPM's CIFAR-10 width (default: 1)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<preset>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its newest good checkpoint, with the config it was started "
+                        "with (flags given here override it; --config/--preset replace it)")
     p.add_argument("--data", default=None, help="image folder, CIFAR-10 batches folder, or .npz/.npy (default: digits)")
     p.add_argument("--image-size", type=_positive_int, default=None, help="resize an image folder to this size")
     p.add_argument("--background", default=None,
@@ -142,7 +144,8 @@ def _add_sample(sub) -> None:
     # --num-images / --first-image: torchrun's own parser claims --n and --start (prefixes of its options)
     p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=64, help="number of images")
     p.add_argument("--out", type=Path, default=Path("samples.png"),
-                   help="a .png grid, a .npz (uint8 N×H×W×C, as FID tools read), or a directory of PNGs")
+                   help="a .png grid (enlarged by the run's grid scale), a .npz (uint8 N×H×W×C, as FID tools read), "
+                        "or a directory of PNGs at 1:1 named by image index, which shards of one run (--start) share")
     p.add_argument("--start", "--first-image", dest="start", type=int, default=0,
                    help="index of the first image (image k of a seed never changes)")
     _add_solver(p)
@@ -195,8 +198,8 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_train(args) -> None:
-    from .trainer import Trainer
+def run_train(args) -> int:
+    from .trainer import Trainer, run_config
 
     overrides = {k: v for k, v in (("model", args.model), ("model_budget", args.model_budget),
                                    ("data", args.data), ("image_size", args.image_size),
@@ -205,18 +208,25 @@ def run_train(args) -> None:
                                    ("device", args.device), ("precision", args.precision),
                                    ("compile", args.compile)) if v is not None}
     recipe = args.preset or "digits"
-    config = load_config(args.config, args.preset, **overrides) if args.config else preset(recipe, **overrides)
     out = args.out if args.out is not None else Path("runs") / (args.config.stem if args.config else recipe)
+    if args.config:
+        config = load_config(args.config, args.preset, **overrides)
+    elif args.resume and not args.preset:
+        config = run_config(out, **overrides)
+    else:
+        config = preset(recipe, **overrides)
     trainer = Trainer(config, out, resume=args.resume)
     if trainer.rank == 0:
         print(f"model: {config.model}, {describe(trainer.model.config)}", flush=True)
     metrics = trainer.fit()
-    if trainer.rank != 0:
-        return
     if metrics.get("interrupted"):
-        print(f"interrupted at step {metrics['steps']}; checkpoint: {metrics['checkpoint']} "
-              f"(continue with: fastddpm train --out {out} --resume)")
-        return
+        signum = signal.Signals[metrics["interrupted"]]
+        if trainer.rank == 0:
+            print(f"stopped by {signum.name} at step {metrics['steps']}; checkpoint: {metrics['checkpoint']} "
+                  f"(continue with: fastddpm train --out {out} --resume)", file=sys.stderr)
+        return 128 + signum
+    if trainer.rank != 0:
+        return 0
     print(f"trained {metrics['steps']} steps in {metrics['train_seconds']:.0f} s")
     print(f"checkpoint: {metrics['checkpoint']}")
     print(f"samples:    {metrics['samples']}")
@@ -227,31 +237,45 @@ def run_train(args) -> None:
         at_floor_n = "–" if q["distance_at_floor_n"] is None else f"{q['distance_at_floor_n']:.3f}"
         print(f"sample distance: {q['distance']:.3f} ({q['n']} samples, {q['chain']}; "
               f"in sets of {q['floor_n']}: {at_floor_n}, floor {q['floor']:.3f})")
+    return 0
 
 
 def run_sample(args) -> None:
     from . import distributed
-    from .checkpoint import load_checkpoint
-    from .sampler import save_images
+    from .checkpoint import digest, load_checkpoint
+    from .images import check_suffix, prepare_output, save_images
 
-    if args.out.suffix.lower() not in (".png", ".npz", ""):
-        raise ValueError(f"--out must be a .png grid, a .npz file or a directory, got {args.out}")
     if args.start < 0:
         raise ValueError(f"--start must be a non-negative integer, got {args.start}")
     if (args.checkpoint is None) == (args.from_diffusers is None):
         raise ValueError("give exactly one of --checkpoint PATH and --from-diffusers PATH")
-    rank, _, device = distributed.init(args.device or _default_device())
+    check_suffix(args.out)
+    rank, world, device = distributed.init(args.device or _default_device())
     if args.from_diffusers is not None:
         model, diffusion = _load_diffusers(args.from_diffusers, device)
         header = {}
     else:
         model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
     sampler = _sampler(args, model, diffusion, cuda_graph=args.cuda_graph)
+    seed = args.seed or 0
+    # what makes image k (a directory of PNGs holds one run's, fastddpm.images); rank 0 checks it
+    # with the output's folder before any image is drawn, and the ranks stop together
+    run = {"model": digest(model), "diffusion": diffusion.config(), "chain": sampler.solver.label, "seed": seed,
+           "precision": args.precision or "fp32"}
+    refused = None
+    if rank == 0:
+        try:
+            prepare_output(args.out, run)
+        except ValueError as err:
+            refused = err
+    if distributed.any_rank(refused is not None, world, device):
+        raise refused or ValueError(f"rank 0 cannot write to {args.out}")
     started = time.perf_counter()
-    images = sampler.sample(args.n, seed=args.seed or 0, start=args.start)
+    images = sampler.sample(args.n, seed=seed, start=args.start)
     seconds = time.perf_counter() - started
     if rank == 0:
-        path = save_images(images, args.out, scale=header.get("train", {}).get("grid_scale", 1))
+        path = save_images(images, args.out, first=args.start, scale=header.get("train", {}).get("grid_scale", 1),
+                           run=run)
         print(f"wrote {args.n} samples to {path} ({args.n / seconds:.1f} images/s)")
 
 
@@ -345,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     from .trainer import TrainingError
 
     try:
-        {"train": run_train, "sample": run_sample, "nll": run_nll, "eval": run_eval, "info": run_info}[args.command](args)
+        status = {"train": run_train, "sample": run_sample, "nll": run_nll, "eval": run_eval,
+                  "info": run_info}[args.command](args)
         distributed.shutdown()
     except (ValueError, OSError, TrainingError, CheckpointError, DatasetError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
@@ -353,5 +378,5 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print(f"fastddpm {args.command}: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 128 + signal.SIGINT
+    return status or 0

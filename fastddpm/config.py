@@ -13,8 +13,9 @@ from dataclasses import asdict, dataclass, fields, replace
 from importlib import resources
 from pathlib import Path
 
-from . import options
+from . import options, validate
 from .datasets.folder import check_channels, parse_background
+from .schedule import SCHEDULES
 from .sizing import DEFAULT_BUDGET
 from .solvers import SOLVERS
 from .unet import PRESETS as UNET_PRESETS
@@ -63,41 +64,35 @@ class TrainConfig:
     tf32: bool | None = None  # TF32 matmuls and convolutions in fp32 on CUDA; None: on there (the run records which)
 
     def __post_init__(self):
-        positive = ("timesteps", "steps", "batch_size", "samples", "log_every", "keep_checkpoints")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup", "sample_every", "checkpoint_every", "seed", "quality_images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.seed >= 2**64:
-            raise ValueError(f"seed must be below 2**64 (the noise contract's seeds are 64-bit), got {self.seed}")
+        """Every field checked by type and range (a config file's ``"false"`` is not false)."""
+        for name in ("timesteps", "steps", "batch_size", "samples", "log_every", "keep_checkpoints"):
+            validate.integer(name, getattr(self, name), 1)
+        for name in ("warmup", "sample_every", "checkpoint_every", "quality_images", "data_memory_mb"):
+            validate.integer(name, getattr(self, name), 0)
+        for name in ("image_size", "grid_scale", "sample_steps"):
+            validate.integer(name, getattr(self, name), 1, optional=True)
+        validate.integer("nll_images", self.nll_images, 0, optional=True)
+        validate.integer("seed", self.seed, 0, 2**64)  # the noise contract's seeds are 64-bit
         for name in ("lr", "grad_clip"):
-            if not isinstance(getattr(self, name), (int, float)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {getattr(self, name)!r}")
-        if self.sample_steps is not None and (isinstance(self.sample_steps, bool) or not isinstance(self.sample_steps, int)
-                                              or self.sample_steps < 1):
-            raise ValueError(f"sample_steps must be a positive integer or null, got {self.sample_steps!r}")
-        if self.grid_scale is not None and (isinstance(self.grid_scale, bool) or not isinstance(self.grid_scale, int)
-                                            or self.grid_scale < 1):
-            raise ValueError(f"grid_scale must be a positive integer or null, got {self.grid_scale!r}")
-        if self.model != "auto" and self.model not in UNET_PRESETS:
-            raise ValueError(f"model must be auto or a U-Net preset ({', '.join(UNET_PRESETS)}), got {self.model!r}")
-        if isinstance(self.model_budget, bool) or not isinstance(self.model_budget, (int, float)) or not self.model_budget > 0:
+            validate.number(name, getattr(self, name), 0)
+        validate.number("ema_decay", self.ema_decay, 0, 1, high_open=True)
+        validate.number("dropout", self.dropout, 0, 1, high_open=True, optional=True)
+        if not validate.number("model_budget", self.model_budget, 0) > 0:
             raise ValueError(f"model_budget must be a positive number (MFLOPs per pixel), got {self.model_budget!r}")
-        parse_background(self.background)
-        check_channels(self.channels)
-        if isinstance(self.data_memory_mb, bool) or not isinstance(self.data_memory_mb, int) or self.data_memory_mb < 0:
-            raise ValueError(f"data_memory_mb must be a non-negative integer (MiB), got {self.data_memory_mb!r}")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}")
-        for name, allowed in (("prediction", options.PREDICTIONS), ("variance", options.VARIANCES),
+        validate.flag("hflip", self.hflip)
+        for name in ("compile", "channels_last", "tf32"):
+            validate.flag(name, getattr(self, name), optional=True)
+        if self.data is not None and not isinstance(self.data, str):
+            raise ValueError(f"data must be a path (a string) or null (the bundled digits), got {self.data!r}")
+        if self.device is not None:
+            validate.device("device", self.device)
+        for name, allowed in (("model", ("auto", *UNET_PRESETS)), ("schedule", SCHEDULES),
+                              ("prediction", options.PREDICTIONS), ("variance", options.VARIANCES),
                               ("precision", tuple(options.PRECISIONS)), ("loss", options.LOSSES),
                               ("timestep_sampler", ("uniform", "importance")), ("sample_solver", SOLVERS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+            options.choice(name, getattr(self, name), allowed)
+        parse_background(self.background)
+        check_channels(self.channels)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +108,7 @@ def preset(name: str, **overrides) -> TrainConfig:
     if name not in preset_names():
         raise ValueError(f"unknown training preset {name!r}; known: {', '.join(preset_names())}")
     text = resources.files(__package__).joinpath("presets", f"{name}.json").read_text()
-    return _from_dict({**_fields_of(json.loads(text), f"preset {name}"), **overrides})
+    return from_dict({**_fields_of(json.loads(text), f"preset {name}"), **overrides})
 
 
 def load_config(path: str | Path, base: str | None = None, **overrides) -> TrainConfig:
@@ -149,7 +144,7 @@ def _fields_of(values, where: str) -> dict:
     return {k: v for k, v in values.items() if not str(k).startswith("_")}
 
 
-def _from_dict(values: dict) -> TrainConfig:
+def from_dict(values: dict) -> TrainConfig:
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import options, reference, rng, solvers
+from . import options, reference, rng, solvers, validate
 from .kernels import checks
 from .ops import backend_for
 from .progress import bar as progress_bar
@@ -55,16 +55,17 @@ class GaussianDiffusion:
     ):
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        if not isinstance(levels, int) or levels < 2:
-            raise ValueError(f"levels must be an integer >= 2, got {levels!r}")
-        if min_snr_gamma is not None and min_snr_gamma <= 0:
-            raise ValueError(f"min_snr_gamma must be positive, got {min_snr_gamma}")
+        validate.integer("levels", levels, 2, 2**16 + 1)  # the data's quantization levels: 8-bit is 256, 16-bit 65536
+        if validate.number("min_snr_gamma", min_snr_gamma, 0, optional=True) == 0:
+            raise ValueError("min_snr_gamma must be positive or null, got 0")
+        validate.number("hybrid_lambda", hybrid_lambda, 0)
+        validate.flag("clip_denoised", clip_denoised)
         backend_for(backend)  # validate the name now, not at the first step
         self.schedule = schedule
         self.prediction = options.choice("prediction", prediction, options.PREDICTIONS)
         self.variance = options.choice("variance", variance, options.VARIANCES)
         self.loss = options.choice("loss", loss, options.LOSSES)
-        self.clip_denoised = bool(clip_denoised)
+        self.clip_denoised = clip_denoised
         self.levels = levels
         self.min_snr_gamma = min_snr_gamma
         self.hybrid_lambda = hybrid_lambda

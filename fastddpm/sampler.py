@@ -15,19 +15,13 @@ the full result.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import distributed, options, rng, solvers
-from .datasets import quantize
+from . import distributed, options, rng, solvers, validate
 from .diffusion import GaussianDiffusion
-from .images import image_grid, save_grid
 from .ops import FUSED
 from .progress import bar as progress_bar
 from .unet import UNetConfig
@@ -66,11 +60,10 @@ class Sampler:
             raise TypeError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
         self.solver = solvers.solver_for(diffusion, solver, steps, eta=eta, order=order, spacing=spacing,
                                          karras=karras, lower_order_final=lower_order_final)
-        _check_int("batch_size", batch_size, 1)
+        validate.integer("batch_size", batch_size, 1)
         options.choice("precision", precision, options.PRECISIONS)
         for name, value in (("compile", compile), ("cuda_graph", cuda_graph), ("channels_last", channels_last)):
-            if value is not None and not isinstance(value, bool):
-                raise ValueError(f"{name} must be True, False or None, got {value!r}")
+            validate.flag(name, value, optional=True)
         params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
         self.device = params.device if params is not None else torch.device("cpu")
         on_cuda = self.device.type == "cuda"
@@ -95,9 +88,9 @@ class Sampler:
     def sample(self, n: int, seed: int = 0, start: int = 0) -> torch.Tensor:
         """Images ``start`` … ``start`` + n − 1 of ``seed``: float32 [n, C, H, W] on the CPU, in
         [−1, 1] when the diffusion clips x̂₀. Under `torch.distributed` every rank returns them all."""
-        _check_int("n", n, 1)
-        _check_int("seed", seed, 0, 2**64)
-        _check_int("start", start, 0)
+        validate.integer("n", n, 1)
+        validate.integer("seed", seed, 0, 2**64)
+        validate.integer("start", start, 0)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         per_rank = -(-n // world)
         first, stop = min(rank * per_rank, n), min((rank + 1) * per_rank, n)
@@ -171,42 +164,6 @@ def sample(model: Callable, diffusion: GaussianDiffusion, n: int, seed: int = 0,
     return Sampler(model, diffusion, **options).sample(n, seed)
 
 
-def save_images(images: torch.Tensor, path, scale: int = 1) -> Path:
-    """Write images [N, C, H, W] in [−1, 1] by ``path``'s suffix: ``.png`` one grid, ``.npz`` a
-    uint8 [N, H, W, C] array ``arr_0`` (what FID tools read), no suffix a directory of
-    000000.png, 000001.png, …, each image enlarged ``scale`` times; every file is written under a
-    temporary name beside it and then renamed into place."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".png":
-        with _atomic(path) as tmp:
-            save_grid(images, tmp, scale=scale)
-    elif suffix == ".npz":
-        with _atomic(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, arr_0=quantize(images, 256).permute(0, 2, 3, 1).numpy())
-    elif suffix == "":
-        path.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(images):
-            with _atomic(path / f"{i:06d}.png") as tmp:
-                image_grid(image[None], padding=0, scale=scale).save(tmp)
-    else:
-        raise ValueError(f"cannot save images to {path}: expected a .png (one grid), a .npz (uint8 NHWC) "
-                         "or a path without a suffix (a directory of PNGs)")
-    return path
-
-
-@contextmanager
-def _atomic(path: Path):
-    """A temporary name beside ``path`` (same suffix) to write to; renamed to ``path`` on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _all_gather(shard: torch.Tensor, per_rank: int, n: int, device: torch.device) -> torch.Tensor:
     """Every rank's contiguous block of images, in rank order: [n, ...] on the CPU."""
     if "cpu:" not in dist.get_backend_config():  # e.g. NCCL alone: gather on the device
@@ -226,9 +183,3 @@ def _image_shape(model, shape: Sequence[int] | None) -> tuple[int, ...]:
     if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in shape):
         raise ValueError(f"shape must be (C, H, W) of positive ints, got {shape!r}")
     return shape
-
-
-def _check_int(name: str, value, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value >= high):
-        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an integer {bound}, got {value!r}")

@@ -17,6 +17,10 @@ from typing import Sequence
 
 import torch
 
+from . import options
+
+SCHEDULES = ("linear", "cosine", "quadratic", "sigmoid")  # NoiseSchedule.by_name's names
+
 _F64 = torch.float64
 
 
@@ -104,10 +108,8 @@ class NoiseSchedule:
     @classmethod
     def by_name(cls, name: str, T: int = 1000) -> "NoiseSchedule":
         """The named schedule ("linear", "cosine", "quadratic" or "sigmoid") with T steps."""
-        makers = {"linear": cls.linear, "cosine": cls.cosine, "quadratic": cls.quadratic, "sigmoid": cls.sigmoid}
-        if name not in makers:
-            raise ValueError(f"unknown noise schedule {name!r}; known: {', '.join(makers)}")
-        return makers[name](T)
+        options.choice("noise schedule", name, SCHEDULES)
+        return getattr(cls, name)(T)
 
     # ---- respacing -----------------------------------------------------------------
 

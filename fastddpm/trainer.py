@@ -21,8 +21,14 @@ EMA from identical weights; rank 0 logs and writes checkpoints.
 
 The loop syncs with the host only when logging, sampling or checkpointing: the loss's
 finiteness is accumulated on the device and checked then; a NaN/Inf stops training with an
-error and leaves the checkpoints as they were. SIGINT/SIGTERM save a checkpoint at the next
-step (under torchrun, at the next log step, when the ranks agree) and return.
+error and leaves the checkpoints as they were, and weights that became NaN/Inf are never saved.
+SIGINT/SIGTERM save a checkpoint at the next step (under torchrun, at the next log step, when the
+ranks agree) and return, naming the signal.
+
+A run directory belongs to one run: a new run refuses a directory holding another's files, and
+``resume`` continues from the newest checkpoint that verifies (`run_config` rebuilds the run's
+own config from it), after deleting the temporaries of a save that was killed and the log rows
+past the checkpoint's step.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import copy
 import csv
 import json
 import signal
+import sys
 import threading
 import time
 from contextlib import nullcontext
@@ -40,17 +47,20 @@ from pathlib import Path
 import torch
 
 from . import distributed, options, rng, solvers
+from .atomic import atomic_path, remove_stale
 from .checkpoint import (
     CheckpointError,
     checkpoint_path,
     latest_checkpoint,
     load_weights,
+    newest_good_checkpoint,
+    nonfinite,
     prune_checkpoints,
-    read_checkpoint,
+    run_checkpoints,
     save_checkpoint,
     weights,
 )
-from .config import TrainConfig
+from .config import TrainConfig, from_dict
 from .datasets import load_dataset, load_heldout
 from .diffusion import GaussianDiffusion
 from .images import save_grid
@@ -66,10 +76,35 @@ from .unet import UNet
 RESUME_FIELDS = ("model", "data", "image_size", "background", "channels", "schedule", "timesteps", "prediction",
                  "variance", "loss", "timestep_sampler", "batch_size", "lr", "warmup", "ema_decay", "dropout", "hflip",
                  "seed")
+# Fields that describe the machine, not the run: a resumed run takes them afresh (`run_config`).
+MACHINE_FIELDS = ("device", "compile", "channels_last", "tf32")
+# What a run writes into its directory (besides its checkpoints).
+RUN_FILES = ("log.csv", "metrics.json", "samples.png", "samples", "tensorboard")
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a NaN/Inf loss, a checkpoint that does not fit the run)."""
+
+
+def run_config(out: str | Path, **overrides) -> TrainConfig:
+    """The config the run in ``out`` was started with (its newest good checkpoint's), with
+    ``overrides``; the machine's fields (device, compile, ...) start from their defaults again."""
+    saved = newest_good_checkpoint(_existing_run(out))[1].get("train")
+    if not saved:
+        raise CheckpointError(f"the checkpoints in {out} do not record their training config; pass the "
+                              "--config/--preset the run was started with")
+    return from_dict({**{k: v for k, v in saved.items() if k not in MACHINE_FIELDS}, **overrides})
+
+
+def _existing_run(out: str | Path) -> Path:
+    """``out`` if it holds a run's checkpoints, else a ValueError saying what is there."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ValueError(f"nothing to resume: {out} does not exist")
+    if not run_checkpoints(out):
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        raise ValueError(f"nothing to resume: {out} holds no checkpoint" + (f" (only {', '.join(found)})" if found else ""))
+    return out
 
 
 def build(config: TrainConfig, shape: tuple[int, int, int], levels: int) -> tuple[UNet, GaussianDiffusion]:
@@ -127,10 +162,13 @@ class Trainer:
         if config.batch_size % self.world:
             raise ValueError(f"batch_size {config.batch_size} is not divisible by the {self.world} processes")
         self.local_batch = config.batch_size // self.world
-        existing = latest_checkpoint(self.out)
-        if existing is not None and not resume:
-            raise ValueError(f"{self.out} already holds a run ({existing.name}); pass --resume to continue it "
-                             "or choose another --out")
+        if resume:
+            _existing_run(self.out)
+        elif self.out.exists():
+            found = [p.name for p in run_checkpoints(self.out)[-1:]] + [n for n in RUN_FILES if (self.out / n).exists()]
+            if found:
+                raise ValueError(f"{self.out} already holds a run ({', '.join(found)}); pass --resume to continue it "
+                                 "or choose another --out")
 
         dataset = load_dataset(config.data, config.image_size, background=config.background, channels=config.channels)
         self.dataset_info = {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels}
@@ -169,9 +207,9 @@ class Trainer:
         compiled = cuda if config.compile is None else config.compile
         self.losses = torch.compile(self._losses) if compiled else self._losses
         self.step, self._epoch, self._order = 0, -1, None
-        self._stop = False
-        if existing is not None:
-            self._resume(existing)
+        self.stopped_by: int | None = None  # the signal that stopped the run
+        if resume:
+            self._resume()
 
     # ---- one step ---------------------------------------------------------------------------
 
@@ -279,7 +317,7 @@ class Trainer:
         metrics = {"steps": self.step, "train_seconds": round(time.perf_counter() - started, 1),
                    "checkpoint": str(path)}
         if interrupted:
-            return {**metrics, "interrupted": True}
+            return {**metrics, "interrupted": signal.Signals(self.stopped_by or signal.SIGTERM).name}
         if main:
             metrics["samples"] = str(self.sample_grid(self.out / "samples.png"))
             if self.heldout is not None and c.nll_images != 0:
@@ -288,7 +326,8 @@ class Trainer:
                 metrics["heldout_nll_bpd"] = heldout_nll(self.ema, self.diffusion, images, 512, c.seed)
             if self.dataset_info["name"].startswith("digits/") and c.quality_images:
                 metrics["quality"] = self.sample_quality(c.quality_images)
-            (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+            with atomic_path(self.out / "metrics.json") as tmp:
+                tmp.write_text(json.dumps(metrics, indent=2) + "\n")
             if board is not None:
                 board.close()
         return metrics
@@ -320,15 +359,23 @@ class Trainer:
                                 f"(last good checkpoint: {last if last is not None else 'none'})")
 
     def _should_stop(self, logging: bool) -> bool:
+        stop = self.stopped_by is not None
         if self.world == 1:
-            return self._stop
-        return logging and distributed.any_rank(self._stop, self.world, self.device)
+            return stop
+        return logging and distributed.any_rank(stop, self.world, self.device)
 
     # ---- checkpoints ---------------------------------------------------------------------------
 
     def save(self) -> Path:
-        """Write checkpoint-<step> (rank 0) and keep the newest ``keep_checkpoints``."""
+        """Write checkpoint-<step> (rank 0) and keep the newest ``keep_checkpoints``; weights that
+        became NaN/Inf (the loss can still be finite at that step) stop training unsaved instead."""
         path = checkpoint_path(self.out, self.step)
+        bad = nonfinite({**{f"model.{k}": v for k, v in self.model.state_dict().items()},
+                         **{f"ema.{k}": v for k, v in self.ema.state_dict().items()}})
+        if bad:  # the same on every rank: their weights are equal
+            last = latest_checkpoint(self.out)
+            raise TrainingError(f"the weights became NaN/Inf by step {self.step} ({len(bad)} tensors, {bad[0]}, ...); "
+                                f"stopped without saving (last good checkpoint: {last if last is not None else 'none'})")
         if self.rank == 0:
             state, groups = {}, []
             optimizer = self.optimizer.state_dict()
@@ -346,8 +393,14 @@ class Trainer:
         distributed.barrier(self.world)
         return path
 
-    def _resume(self, path: Path) -> None:
-        header, tensors = read_checkpoint(path)
+    def _resume(self) -> None:
+        """Continue from the newest checkpoint that verifies: name the ones skipped, delete a killed
+        save's temporaries and the log rows past the checkpoint."""
+        path, header, tensors, skipped = newest_good_checkpoint(self.out)
+        if self.rank == 0:
+            for reason in skipped:
+                print(f"skipped: {reason}", file=sys.stderr)
+            remove_stale(self.out, "checkpoint-*")
         saved = header.get("train", {})
         # a field newer than the checkpoint holds its default there
         changed = [f for f in RESUME_FIELDS if saved.get(f, getattr(TrainConfig, f)) != getattr(self.config, f)]
@@ -372,6 +425,8 @@ class Trainer:
             self.timestep_sampler.second_moment.copy_(train_state["sampler.second_moment"])
             self.timestep_sampler.counts.copy_(train_state["sampler.counts"])
         self.step = int(header["step"])
+        if self.rank == 0:
+            _CsvLog(self.out / "log.csv").truncate(self.step)
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -391,6 +446,15 @@ class _CsvLog:
     def write(self, row: dict) -> None:
         with open(self.path, "a", newline="") as f:
             csv.writer(f).writerow([row[k] for k in self.FIELDS])
+
+    def truncate(self, step: int) -> None:
+        """Drop the rows past ``step``: a run killed after its last checkpoint logged steps it redoes."""
+        with open(self.path, newline="") as f:
+            rows = list(csv.reader(f))
+        kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+        if len(kept) < len(rows):
+            with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows(kept)
 
 
 def _tensorboard(out: Path):
@@ -415,7 +479,7 @@ class _stop_on_signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
-        self.trainer._stop = True
+        self.trainer.stopped_by = signum
 
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():

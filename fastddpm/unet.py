@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import validate
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -33,13 +35,13 @@ class UNetConfig:
         object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
         object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
         for name in ("in_channels", "resolution", "ch", "num_res_blocks", "groups"):
-            _check_positive_int(name, getattr(self, name))
+            validate.integer(name, getattr(self, name), 1)
         if not self.ch_mult:
             raise ValueError("ch_mult must be non-empty")
         for m in self.ch_mult:
-            _check_positive_int("ch_mult", m)
+            validate.integer("ch_mult", m, 1)
         for r in self.attn_resolutions:
-            _check_positive_int("attn_resolutions", r)
+            validate.integer("attn_resolutions", r, 1)
         if self.ch % 2 or self.ch < 4:
             raise ValueError(f"ch must be even and >= 4 (timestep embedding), got {self.ch}")
         for c in (self.ch, *(self.ch * m for m in self.ch_mult)):
@@ -52,10 +54,9 @@ class UNetConfig:
         for r in self.attn_resolutions:
             if r not in level_resolutions:
                 raise ValueError(f"attn_resolutions entry {r} is not a level resolution {level_resolutions}")
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        validate.number("dropout", self.dropout, 0, 1, high_open=True)
         if not isinstance(self.learned_variance, bool):
-            raise ValueError(f"learned_variance must be a bool, got {self.learned_variance!r}")
+            raise ValueError(f"learned_variance must be true or false, got {self.learned_variance!r}")
 
     @property
     def out_channels(self):
@@ -76,11 +77,6 @@ class UNetConfig:
         if missing:
             raise ValueError(f"missing UNetConfig keys {missing}")
         return cls(**d)
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 PRESETS = {

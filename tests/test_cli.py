@@ -1,5 +1,6 @@
 """The command line: help, one-line errors with a non-zero exit, and sampling from a checkpoint."""
 
+import json
 import os
 import subprocess
 import sys
@@ -97,7 +98,7 @@ def test_sample_without_solver_runs_the_trainers_chain(checkpoint):
     "args, message",
     [
         (["sample", "--checkpoint", "nope.safetensors"], "checkpoint not found: nope.safetensors"),
-        (["sample", "--checkpoint", "{ck}", "--out", "x.jpg"], "--out must be a .png grid, a .npz file or a directory"),
+        (["sample", "--checkpoint", "{ck}", "--out", "x.jpg"], "cannot save images to x.jpg: expected a .png (one grid)"),
         (["sample", "--checkpoint", "{tmp}"], "no checkpoint-*.safetensors in"),
         (["nll", "--checkpoint", "nope.safetensors"], "checkpoint not found: nope.safetensors"),
         (["train", "--config", "nope.json"], "config file not found: nope.json"),
@@ -109,7 +110,7 @@ def test_sample_without_solver_runs_the_trainers_chain(checkpoint):
          "steps must be an integer between 1 and 20, got 50"),
         (["train", "--data", "/no/such/folder", "--out", "{tmp}/run"], "dataset path does not exist: /no/such/folder"),
         (["train", "--steps", "0"], "expected a positive integer, got '0'"),
-        (["train", "--device", "gpu0"], "unknown device 'gpu0'"),
+        (["train", "--device", "gpu0"], "device must be a torch device such as cpu or cuda, got 'gpu0'"),
     ],
 )
 def test_errors_are_one_line_without_traceback(checkpoint, tmp_path, args, message):
@@ -166,3 +167,104 @@ def test_train_on_28x28_arrays_sizes_the_model_to_the_data(tmp_path):
     assert "model: auto, 1x28x28 images, ch 32" in info.stdout
     assert "40 images of 1x28x28, 256 levels" in info.stdout
     assert "auto model: 1x28x28 images, ch 32 x (1, 2, 2)" in info.stdout
+
+
+# ---- issue 14: bad input and lost work -----------------------------------------------------------
+
+
+def test_sample_shards_fill_one_directory_by_global_index(checkpoint, tmp_path):
+    # item 1: `--start 3` named its files 000000…, overwriting the first shard; PNGs were enlarged, the .npz not
+    base = ["sample", "--checkpoint", str(checkpoint), "--no-compile", "--steps", "4"]
+    for start in ("0", "3"):
+        result = cli(*base, "--n", "3", "--start", start, "--out", str(tmp_path / "shards"))
+        assert result.returncode == 0, result.stderr
+    assert cli(*base, "--n", "6", "--out", str(tmp_path / "whole")).returncode == 0
+    assert cli(*base, "--n", "6", "--out", str(tmp_path / "whole.npz")).returncode == 0
+    names = [f"{i:06d}.png" for i in range(6)]
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [*names, "samples.json"]
+    from PIL import Image
+
+    arrays = np.load(tmp_path / "whole.npz")["arr_0"]
+    for i, name in enumerate(names):
+        assert (tmp_path / "shards" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+        with Image.open(tmp_path / "shards" / name) as image:  # 1:1, the pixels of the .npz
+            np.testing.assert_array_equal(np.asarray(image), arrays[i, :, :, 0])
+
+
+def test_sample_refuses_a_directory_of_another_run_before_sampling(checkpoint, tmp_path):
+    base = ["sample", "--checkpoint", str(checkpoint), "--no-compile", "--steps", "4", "--n", "2"]
+    assert cli(*base, "--out", str(tmp_path / "run")).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    for other, differ in ((["--seed", "1"], "seed"), (["--steps", "3"], "chain"), (["--precision", "bf16"], "precision")):
+        result = cli(*base, *other, "--out", str(tmp_path / "run"))
+        assert result.returncode == 2 and result.stderr.count("\n") == 1
+        assert f"holds images of another run (differs in {differ}); choose another directory" in result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    result = cli(*base, "--out", str(tmp_path / "mine"))
+    assert result.returncode == 2 and "holds files that fastddpm sample did not write (notes.txt, ...)" in result.stderr
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [
+        ("/sys/fastddpm-samples.png", "cannot write to /sys: "),  # read-only, even for root
+        ("/sys/fastddpm-samples", "cannot write to /sys/fastddpm-samples: "),
+        ("{tmp}/notes.txt/grid.png", "notes.txt: it is a file, not a directory"),
+        ("{tmp}/folder.png", "folder.png: it is a directory"),
+        ("{tmp}/grid.jpg", "grid.jpg: expected a .png (one grid), a .npz (uint8 NHWC) or a path without a suffix"),
+    ],
+)
+def test_sample_checks_its_output_before_any_work(checkpoint, tmp_path, monkeypatch, capsys, out, message):
+    # item 5: --out was checked only after every image was drawn
+    from fastddpm import cli as cli_module
+    from fastddpm.sampler import Sampler
+
+    monkeypatch.setattr(Sampler, "sample", lambda *a, **k: pytest.fail("sampled before checking --out"))
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / "folder.png").mkdir()
+    assert cli_module.main(["sample", "--checkpoint", str(checkpoint), "--out", out.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_sample_checks_the_checkpoint_header_before_any_work(tmp_path, monkeypatch, capsys):
+    # item 4: a header whose "train" is a list failed only after all the sampling was done
+    from fastddpm import cli as cli_module
+    from fastddpm.sampler import Sampler
+
+    monkeypatch.setattr(Sampler, "sample", lambda *a, **k: pytest.fail("sampled before checking the header"))
+    path = save_checkpoint(tmp_path / "ck.safetensors", UNet.from_preset("ddpm-digits"),
+                           GaussianDiffusion(NoiseSchedule.linear(20), levels=17), train=["grid_scale", 4])
+    assert cli_module.main(["sample", "--checkpoint", str(path), "--out", str(tmp_path / "s.png")]) == 2
+    assert "has a 'train' entry that is not a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"hflip": "false"}, "hflip must be true or false, got 'false'"),
+        ({"nll_images": "0"}, "nll_images must be a non-negative integer or null, got '0'"),
+        ({"image_size": "8"}, "image_size must be a positive integer or null, got '8'"),  # item 12: "size 8 was requested"
+        ({"ema_decay": "0.9"}, r"ema_decay must be a finite number in [0, 1), got '0.9'"),
+    ],
+)
+def test_train_refuses_bad_config_values_before_any_work(tmp_path, fields, message):
+    (tmp_path / "c.json").write_text(json.dumps(fields))
+    result = cli("train", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert message in result.stderr and not (tmp_path / "run").exists()
+
+
+def test_train_resume_refuses_a_folder_without_a_checkpoint(tmp_path):
+    # item 7: a missing folder started a fresh run; one with a log but no checkpoint had its log appended
+    result = cli("train", "--resume", "--out", str(tmp_path / "missing"))
+    assert result.returncode == 2 and f"nothing to resume: {tmp_path / 'missing'} does not exist" in result.stderr
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "log.csv").write_text("step,loss\n")
+    result = cli("train", "--resume", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2 and "holds no checkpoint (only log.csv)" in result.stderr
+    assert (tmp_path / "run" / "log.csv").read_text() == "step,loss\n"

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fastddpm.config import TrainConfig, load_config, preset, preset_names
 
@@ -40,10 +41,10 @@ def test_a_config_file_starts_from_the_preset_given_unless_it_names_its_own(tmp_
     [
         ({"stepz": 3}, ".json", r"unknown training options \['stepz'\]"),
         ({"steps": 0}, ".json", "steps must be a positive integer, got 0"),
-        ({"precision": "fp8"}, ".json", "precision must be one of fp32, bf16, fp16, got 'fp8'"),
-        ({"ema_decay": 1.0}, ".json", r"ema_decay must lie in \[0, 1\)"),
-        ({"sample_solver": "euler"}, ".json", "sample_solver must be one of ddpm, ddim, dpmpp_2m, dpmpp_2m_sde"),
-        ({"model": "unet-xl"}, ".json", r"model must be auto or a U-Net preset \(ddpm-cifar10, ddpm-256, ddpm-digits"),
+        ({"precision": "fp8"}, ".json", "unknown precision 'fp8'; expected one of: fp32, bf16, fp16"),
+        ({"ema_decay": 1.0}, ".json", r"ema_decay must be a finite number in \[0, 1\), got 1.0"),
+        ({"sample_solver": "euler"}, ".json", "unknown sample_solver 'euler'; expected one of: ddpm, ddim, dpmpp_2m, "),
+        ({"model": "unet-xl"}, ".json", "unknown model 'unet-xl'; expected one of: auto, ddpm-cifar10, ddpm-256, "),
         ({"model_budget": 0}, ".json", r"model_budget must be a positive number \(MFLOPs per pixel\), got 0"),
         ({"grid_scale": 0}, ".json", "grid_scale must be a positive integer or null, got 0"),
         ({"preset": "imagenet"}, ".json", "unknown training preset 'imagenet'"),
@@ -59,9 +60,44 @@ def test_bad_config_files_name_the_problem(tmp_path, content, suffix, message):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [  # issue 14, item 3: what a JSON file can hold that is not what it means
+        ("hflip", "false", "hflip must be true or false, got 'false'"),  # a non-empty string was truthy: flips on
+        ("compile", "false", "compile must be true or false or null, got 'false'"),
+        ("channels_last", "no", "channels_last must be true or false or null, got 'no'"),
+        ("tf32", 1, "tf32 must be true or false or null, got 1"),
+        ("nll_images", -5, "nll_images must be a non-negative integer or null, got -5"),  # evaluated 292 of 297
+        ("nll_images", "0", "nll_images must be a non-negative integer or null, got '0'"),  # failed after training
+        ("ema_decay", "0.9", r"ema_decay must be a finite number in \[0, 1\), got '0.9'"),
+        ("lr", float("nan"), r"lr must be a finite number in \[0, inf\), got nan"),
+        ("dropout", 1, r"dropout must be a finite number in \[0, 1\) or null, got 1"),
+        ("device", "banana", "device must be a torch device such as cpu or cuda, got 'banana'"),
+        ("device", 0, "device must be a torch device such as cpu or cuda, got 0"),
+        ("image_size", "8", "image_size must be a positive integer or null, got '8'"),  # item 12
+        ("seed", 2**64, r"seed must be an integer in \[0, 2\*\*64\), got 18446744073709551616"),
+        ("schedule", "cosin", "unknown schedule 'cosin'; expected one of: linear, cosine, quadratic, sigmoid"),
+        ("data", 5, r"data must be a path \(a string\) or null"),
+    ],
+)
+def test_every_field_is_checked_by_type_and_range(tmp_path, field, value, message):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({field: value}))
+    with pytest.raises(ValueError, match=message):
+        load_config(path)
+
+
+def test_a_cuda_device_without_cuda_is_refused_when_the_config_is_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"device": "cuda"}))
+    with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available on this machine"):
+        load_config(path)
+
+
 def test_missing_file_and_bad_fields():
     with pytest.raises(ValueError, match="config file not found: nope.json"):
         load_config("nope.json")
-    with pytest.raises(ValueError, match="variance must be one of"):
+    with pytest.raises(ValueError, match="unknown variance .learned.; expected one of: fixed_small"):
         TrainConfig(variance="learned")
 

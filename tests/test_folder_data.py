@@ -258,6 +258,7 @@ def test_under_torchrun_local_rank_0_builds_while_the_others_wait(tmp_path, cach
     root = rgba_folder(tmp_path / "icons", 6)
     script = tmp_path / "load.py"
     script.write_text(f"""
+import os
 import time
 import torch.distributed as dist
 from fastddpm.datasets import folder, image_folder
@@ -269,7 +270,7 @@ def slow(*args, **kwargs):  # rank 1 would look for the cache long before rank 0
     return decode(*args, **kwargs)
 folder.decode_image = slow
 ds = image_folder({str(root)!r}, 8, workers=1)
-print(f"rank {{dist.get_rank()}} decoded {{len(calls)}}, read {{int(ds.codes.sum())}}", flush=True)
+os.write(1, f"rank {{dist.get_rank()}} decoded {{len(calls)}}, read {{int(ds.codes.sum())}}\\n".encode())  # one write: lines never interleave
 dist.destroy_process_group()
 """)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

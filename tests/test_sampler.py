@@ -9,7 +9,8 @@ import torch.multiprocessing as mp
 from PIL import Image
 
 from fastddpm import GaussianDiffusion, NoiseSchedule, UNet, UNetConfig, rng
-from fastddpm.sampler import Sampler, sample, save_images
+from fastddpm.images import save_images
+from fastddpm.sampler import Sampler, sample
 
 SHAPE = (3, 8, 8)
 CONFIG = UNetConfig(in_channels=3, resolution=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
@@ -176,11 +177,14 @@ def test_save_npz_is_uint8_nhwc(images, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["samples.npz"]
 
 
-def test_save_directory_of_pngs(images, tmp_path):
-    path = save_images(images[:, :1], tmp_path / "out" / "imgs", scale=3)
-    assert sorted(p.name for p in path.iterdir()) == [f"{i:06d}.png" for i in range(4)]
-    with Image.open(path / "000003.png") as im:
-        assert im.mode == "L" and im.size == (24, 24)
+def test_save_directory_of_pngs_named_by_image_index_at_1_to_1(images, tmp_path):
+    path = save_images(images[:, :1], tmp_path / "out" / "imgs", first=998, scale=3, run={"seed": 0})
+    assert sorted(p.name for p in path.iterdir()) == ["000998.png", "000999.png", "001000.png", "001001.png",
+                                                      "samples.json"]
+    with Image.open(path / "001001.png") as im:  # the grid's scale is the grid's alone
+        assert im.mode == "L" and im.size == (8, 8)
+    with pytest.raises(ValueError, match="holds images of another run \\(differs in seed\\)"):
+        save_images(images[:, :1], path, run={"seed": 1})
 
 
 @pytest.mark.parametrize("name", ["samples.jpg", "samples.PNG.bak", "x.npy"])

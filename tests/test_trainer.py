@@ -94,6 +94,54 @@ def test_resume_refuses_other_settings_and_corrupt_checkpoints(tmp_path):
         Trainer(small(steps=2), tmp_path, resume=True)
 
 
+def test_resume_skips_a_corrupt_newest_checkpoint_and_says_so(tmp_path, capsys):
+    # issue 14, item 8: it stopped with no fallback
+    Trainer(small(steps=3), tmp_path / "straight").fit()
+    Trainer(small(steps=2, checkpoint_every=1), tmp_path / "run").fit()
+    newest = latest_checkpoint(tmp_path / "run")
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    trainer = Trainer(small(steps=3), tmp_path / "run", resume=True)
+    assert trainer.step == 1
+    assert f"skipped: cannot read checkpoint {newest}" in capsys.readouterr().err
+    trainer.fit()
+    assert losses(tmp_path / "run") == losses(tmp_path / "straight")  # the log too: its row 2 was redone once
+
+
+def test_resume_after_a_kill_truncates_the_log_to_the_checkpoint(tmp_path):
+    # issue 14, item 10: after a SIGKILL past the last checkpoint, log.csv repeated the steps redone
+    Trainer(small(steps=4, checkpoint_every=2), tmp_path).fit()
+    latest_checkpoint(tmp_path).unlink()  # killed after logging steps 3 and 4, before saving step 4
+    trainer = Trainer(small(steps=4), tmp_path, resume=True)
+    assert trainer.step == 2 and [step for step, _ in losses(tmp_path)] == [1, 2]
+    trainer.fit()
+    assert [step for step, _ in losses(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_resume_needs_a_checkpoint_and_a_new_run_a_directory_of_no_other_run(tmp_path):
+    # issue 14, item 7: --resume on a missing folder started a fresh run; on a folder with a log and samples
+    # but no checkpoint it appended to the log and overwrote the samples
+    with pytest.raises(ValueError, match=f"nothing to resume: {tmp_path / 'missing'} does not exist"):
+        Trainer(small(), tmp_path / "missing", resume=True)
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "log.csv").write_text("step,loss\n1,0.5\n")
+    (tmp_path / "samples").mkdir()
+    with pytest.raises(ValueError, match=r"nothing to resume: .* holds no checkpoint \(only log.csv, samples\)"):
+        Trainer(small(), tmp_path, resume=True)
+    with pytest.raises(ValueError, match=r"already holds a run \(log.csv, samples\); pass --resume"):
+        Trainer(small(), tmp_path)
+    assert (tmp_path / "log.csv").read_text() == "step,loss\n1,0.5\n"
+
+
+def test_weights_that_become_nan_are_never_saved(tmp_path):
+    # issue 14, item 2: lr 1e39 gave finite losses and checkpoints of Inf weights, named "last good"
+    trainer = Trainer(small(steps=3, lr=1e39, warmup=0, checkpoint_every=1), tmp_path)
+    with pytest.raises(TrainingError, match=r"the weights became NaN/Inf by step 1 \(\d+ tensors, model\..*stopped "
+                                            r"without saving \(last good checkpoint: none\)"):
+        trainer.fit()
+    assert run_checkpoints(tmp_path) == []
+
+
 def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     trainer = Trainer(small(steps=6, checkpoint_every=2, log_every=1), tmp_path)
     trainer.model.register_forward_hook(lambda m, i, out: out * float("nan") if trainer.step >= 3 else out)
@@ -104,21 +152,35 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     assert header["step"] == 2 and all(torch.isfinite(v).all() for v in state.values())
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
+def test_sigterm_saves_a_checkpoint_exits_143_and_the_printed_command_resumes(tmp_path):
+    # issue 14, item 6: it exited 0, and its hint left out the --config the run needed
     config = tmp_path / "run.json"
     config.write_text(json.dumps({**SMALL, "steps": 100000, "nll_images": 0}))
-    proc = subprocess.Popen([sys.executable, "-m", "fastddpm", "train", "--config", str(config), "--out",
-                             str(tmp_path / "run")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    log = tmp_path / "run" / "log.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (log.exists() and len(log.read_text().splitlines()) >= 3):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err
-    assert "interrupted at step" in out and "--resume" in out
-    _, header = model_state(tmp_path / "run")
-    assert 2 <= header["step"] < 100000
+    run = tmp_path / "run"
+
+    def train_until_logged(command, rows):
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "log.csv").exists() or len(losses(run)) < rows:
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+
+    code, err = train_until_logged([sys.executable, "-m", "fastddpm", "train", "--config", str(config), "--out",
+                                    str(run)], 2)
+    assert code == 128 + signal.SIGTERM == 143, err
+    hint = err.strip().splitlines()[-1]
+    assert hint.startswith("stopped by SIGTERM at step ") and hint.endswith(f"(continue with: fastddpm train --out {run} --resume)")
+    _, header = model_state(run)
+    first, started_with = header["step"], header["train"]
+    assert 2 <= first < 100000 and [step for step, _ in losses(run)] == list(range(1, first + 1))
+    code, err = train_until_logged([sys.executable, "-m", "fastddpm", *hint.split("continue with: ")[1][:-1].split()[1:]],
+                                   first + 2)  # the command as printed: the run's own config, no flags
+    assert code == 143, err
+    _, header = model_state(run)
+    assert header["step"] > first + 1 and header["train"] == {**started_with, "device": None}  # device: the machine's
+    assert [step for step, _ in losses(run)] == list(range(1, header["step"] + 1))
 
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path):
@@ -143,6 +205,9 @@ trainer.save()
     assert [p.name for p in run_checkpoints(tmp_path)] == ["checkpoint-00000001.safetensors"]
     _, header = model_state(tmp_path)
     assert header["step"] == 1
+    assert len(list(tmp_path.glob(".checkpoint-00000002.*tmp*"))) == 1  # the killed save's temporary
+    Trainer(preset("digits", **{**SMALL, "steps": 2}), tmp_path, resume=True)
+    assert not list(tmp_path.glob(".checkpoint-*"))  # issue 14, item 10: removed when the run starts again
 
 
 def test_torchrun_with_two_gloo_processes_equals_one_process(tmp_path):

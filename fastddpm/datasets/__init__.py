@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .. import validate
 from .arrays import array_file
 from .bundled import digits
 from .cifar import CIFAR_TEST_FILES, _cifar_dir, cifar10
@@ -86,6 +87,7 @@ def load_dataset(spec: str | None = None, size: int | None = None, *, background
     ``background``, ``channels`` and ``cache_dir`` are `image_folder`'s; for the other sources
     a background other than white, or channels other than the source's, is an error.
     """
+    validate.integer("image size", size, 1, optional=True)
     parse_background(background)
     check_channels(channels)
     if spec is None or spec == "digits":
