@@ -423,15 +423,15 @@ def sampler(plan: Plan, rows: list) -> dict:
     result = {"images_per_s": speed, "difference_to_eager": differences}
     if plan.cuda:
         result["unet_floor_images_per_s"] = _unet_floor(plan, samplers["compile+cuda_graph bf16"], n, steps, rows)
-        graph, x, history, index, _ = samplers["compile+cuda_graph bf16"]._graphs[n]
+        graph, x, history, index, _, _ = samplers["compile+cuda_graph bf16"]._graphs[(n,)]  # unconditional
         eager_sampler = samplers["eager fp32"]
         key = rng.noise_key(0, 0, 0, plan.device)
         result["sync_free"] = sync_free(plan, {
             "graph replays": lambda: [graph.replay() for _ in range(3)],
-            "eager steps": lambda: [eager_sampler._step(x, history, index, key) for _ in range(3)],
+            "eager steps": lambda: [eager_sampler._step(x, history, index, key, {}) for _ in range(3)],
         })
         # bf16 against fp32 on the CPU (ddpm-cifar10, 50 steps, 4 images): mean 0.0027, max 0.047
-        dpm_graph, _, dpm_history, dpm_index, _ = samplers["dpmpp_2m 20 steps, compile+cuda_graph bf16"]._graphs[n]
+        dpm_graph = samplers["dpmpp_2m 20 steps, compile+cuda_graph bf16"]._graphs[(n,)][0]
         result["sync_free"].update(sync_free(plan, {"dpmpp_2m graph replays": lambda: [dpm_graph.replay()
                                                                                         for _ in range(3)]}))
         bf16 = [v["mean"] for k, v in differences.items() if "bf16" in k]

@@ -141,6 +141,9 @@ def check_header(header, tensors: dict, path) -> None:
         for size in data.get("shape", ()):
             validate.integer("data shape entry", size, 1)
         validate.integer("data levels", data.get("levels", 256), 2, 2**16 + 1)
+        classes = data.get("classes")
+        if classes is not None and (not isinstance(classes, list) or not all(isinstance(c, str) for c in classes)):
+            raise ValueError(f"data classes must be a list of names, got {classes!r}")
         validate.integer("grid_scale", header.get("train", {}).get("grid_scale"), 1, optional=True)
     except ValueError as err:
         fail(f"an invalid header: {err}")

@@ -126,6 +126,9 @@ def _add_train(sub) -> None:
                         "(default: white)")
     p.add_argument("--channels", type=int, choices=(1, 3), default=None,
                    help="an image folder's channels (default: 1 when every image is grayscale, else 3)")
+    p.add_argument("--class-cond", action=argparse.BooleanOptionalAction, default=None,
+                   help="condition on the data's class labels: the digits, CIFAR-10, a .npz's 'labels', or a folder's "
+                        "subfolders (default: off)")
     p.add_argument("--steps", type=_positive_int, default=None, help="training steps (default: the preset's)")
     p.add_argument("--batch-size", type=_positive_int, default=None,
                    help="global batch size, split over torchrun processes (default: the preset's)")
@@ -203,7 +206,8 @@ def run_train(args) -> int:
 
     overrides = {k: v for k, v in (("model", args.model), ("model_budget", args.model_budget),
                                    ("data", args.data), ("image_size", args.image_size),
-                                   ("background", args.background), ("channels", args.channels), ("steps", args.steps),
+                                   ("background", args.background), ("channels", args.channels),
+                                   ("class_cond", args.class_cond), ("steps", args.steps),
                                    ("batch_size", args.batch_size), ("lr", args.lr), ("seed", args.seed),
                                    ("device", args.device), ("precision", args.precision),
                                    ("compile", args.compile)) if v is not None}
@@ -349,7 +353,8 @@ def run_info(args) -> None:
 
         dataset = load_dataset(args.data, args.image_size)
         channels, height, width = dataset.shape
-        print(f"data: {dataset.name}, {len(dataset):,} images of {channels}x{height}x{width}, {dataset.levels} levels")
+        print(f"data: {dataset.name}, {len(dataset):,} images of {channels}x{height}x{width}, {dataset.levels} levels"
+              + (f", {len(dataset.classes)} classes: {', '.join(dataset.classes)}" if dataset.classes else ""))
         if height == width:
             print(f"auto model: {describe(auto_config(channels, height))}")
     if args.checkpoint is not None:
@@ -358,7 +363,11 @@ def run_info(args) -> None:
         from .checkpoint import load_checkpoint
 
         model, diffusion, header = load_checkpoint(args.checkpoint)
-        print(f"checkpoint: step {header.get('step')}, data {header.get('data')}")
+        data = header.get("data", {})
+        print(f"checkpoint: step {header.get('step')}, data {data.get('name')}, {data.get('shape')}, "
+              f"{data.get('levels')} levels")
+        if data.get("classes"):
+            print(f"classes: {', '.join(data['classes'])} (and the null class {len(data['classes'])})")
         print(f"model: {header.get('train', {}).get('model', 'a U-Net')}, {describe(model.config)}")
         print(f"diffusion: {json.dumps(diffusion.config())}")
 

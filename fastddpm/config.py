@@ -44,6 +44,8 @@ class TrainConfig:
     ema_decay: float = 0.999
     dropout: float | None = None  # None: the U-Net preset's
     hflip: bool = False  # random horizontal flips (not for digits: they are not symmetric)
+    class_cond: bool = False  # condition the U-Net on the data's class labels (a "null" class for none)
+    p_uncond: float = 0.1  # class_cond: the chance a label is dropped to the null class, so one network serves both
     seed: int = 0
     samples: int = 64  # images in each sample grid
     grid_scale: int | None = None  # enlarge the grid's images (None: 32 // size; tiny images are unreadable at 1:1)
@@ -80,6 +82,8 @@ class TrainConfig:
         if not validate.number("model_budget", self.model_budget, 0) > 0:
             raise ValueError(f"model_budget must be a positive number (MFLOPs per pixel), got {self.model_budget!r}")
         validate.flag("hflip", self.hflip)
+        validate.flag("class_cond", self.class_cond)
+        validate.number("p_uncond", self.p_uncond, 0, 1)
         for name in ("compile", "channels_last", "tf32"):
             validate.flag(name, getattr(self, name), optional=True)
         if self.data is not None and not isinstance(self.data, str):

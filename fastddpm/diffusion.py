@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import options, reference, rng, solvers, validate
+from . import conditioning, options, reference, rng, solvers, validate
 from .kernels import checks
 from .ops import backend_for
 from .progress import bar as progress_bar
@@ -102,16 +102,18 @@ class GaussianDiffusion:
     def _ops(self, x: torch.Tensor):
         return backend_for(self.backend, x.dtype)
 
-    def _model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, coef: Coefficients) -> torch.Tensor:
+    def _model_output(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, coef: Coefficients,
+                      model_kwargs: dict) -> torch.Tensor:
         """The model at x_t and the original timesteps of t (t itself unless respaced; there, t is
         clamped into the table so that a bad t is reported by the op, not by this gather)."""
         if self.schedule.respaced:
             t = coef.timesteps.index_select(0, t.clamp(0, self.num_timesteps - 1))
-        return self._model_at(model, x_t, t)
+        return self._model_at(model, x_t, t, model_kwargs)
 
-    def _model_at(self, model: Model, x_t: torch.Tensor, model_t: torch.Tensor) -> torch.Tensor:
-        """The model at x_t and the timesteps it is conditioned on, its output's shape checked."""
-        out = model(x_t, model_t)
+    def _model_at(self, model: Model, x_t: torch.Tensor, model_t: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
+        """The model at x_t, the timesteps and the conditioning (`fastddpm.conditioning`, checked by
+        the caller), its output's shape checked."""
+        out = model(x_t, model_t, **model_kwargs)
         expected = list(x_t.shape)
         if self.variance == "learned_range":
             expected[1] *= 2
@@ -190,30 +192,32 @@ class GaussianDiffusion:
 
     # ---- reverse process --------------------------------------------------------------------
 
-    def p_mean_variance(self, model: Model, x_t: torch.Tensor, t: torch.Tensor) -> dict:
+    def p_mean_variance(self, model: Model, x_t: torch.Tensor, t: torch.Tensor, model_kwargs: dict | None = None) -> dict:
         """dict(mean, variance, log_variance, pred_x0) of p_θ(x_{t−1} | x_t)  — eq. (1), (11)."""
         self._check_images("x_t", x_t)
         t = self._check_t(t, x_t)
         checks.timesteps_in_range("p_mean_variance", t, self.num_timesteps)
         coef = self.coefficients(x_t)
-        out = self._model_output(model, x_t, t, coef)
+        out = self._model_output(model, x_t, t, coef, conditioning.check(model_kwargs, len(x_t), x_t.device))
         return reference.p_mean_variance(out, x_t, t, coef, prediction=self.prediction, variance=self.variance,
                                          clip_denoised=self.clip_denoised)
 
     def p_sample(
         self, model: Model, x_t: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
-        eta: float | None = None, seed: int | None = None, sample_index: int = 0,
+        eta: float | None = None, seed: int | None = None, sample_index: int = 0, model_kwargs: dict | None = None,
     ) -> torch.Tensor:
         """One reverse step x_{t−1} ~ p_θ(x_{t−1} | x_t) (Algorithm 2), or DDIM(η) when ``eta`` is given.
 
         z is ``noise``, else the noise contract's at (``seed``, ``sample_index`` + b, t[b])
-        when a seed is given, else ``torch.randn``.
+        when a seed is given, else ``torch.randn``. ``model_kwargs``: the conditioning handed to
+        the model (`fastddpm.conditioning`).
         """
         self._check_images("x_t", x_t)
         t = self._check_t(t, x_t)
+        model_kwargs = conditioning.check(model_kwargs, len(x_t), x_t.device)
         noise, key = self._noise(x_t, noise, seed, sample_index, 0)
         coef = self.coefficients(x_t)
-        out = self._model_output(model, x_t, t, coef)
+        out = self._model_output(model, x_t, t, coef, model_kwargs)
         return self._ops(x_t).reverse_step(x_t, out, t, coef.table, noise, key, self.prediction, self.variance,
                                            self.clip_denoised, eta)
 
@@ -230,6 +234,7 @@ class GaussianDiffusion:
         seed: int | None = None,
         sample_index: int = 0,
         solver: str | None = None,
+        model_kwargs: dict | None = None,
         **solver_options,
     ) -> torch.Tensor:
         """Draw samples [shape] from x_T ~ N(0, I) by a reverse chain (`solvers.solver_for`).
@@ -239,7 +244,8 @@ class GaussianDiffusion:
         ``solver_options``: order, spacing, karras, lower_order_final); by default "ddpm", or
         "ddim" when ``eta`` is given. With a ``seed``, all noise follows the noise contract and
         image b is the image ``sample_index`` + b of that seed, whatever the batch; otherwise
-        noise comes from ``generator``. ``device`` defaults to the model's.
+        noise comes from ``generator``. ``device`` defaults to the model's. ``model_kwargs``: the
+        conditioning of each image, handed to every model call (`fastddpm.conditioning`).
         """
         chain = solvers.solver_for(self, solver, steps, eta=eta, **solver_options)
         shape = tuple(int(s) for s in shape)
@@ -249,6 +255,7 @@ class GaussianDiffusion:
             params = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
             device = params.device if params is not None else "cpu"
         device = torch.device(device)
+        model_kwargs = conditioning.check(model_kwargs, shape[0], device)
         diffusion = chain.diffusion
         if seed is None:
             x, key = torch.randn(shape, generator=generator, device=device), None
@@ -261,7 +268,7 @@ class GaussianDiffusion:
         index = torch.empty(shape[0], device=x.device, dtype=torch.int64)
         for i in progress_bar(range(chain.num_steps), desc="sampling", disable=not progress):
             index.fill_(chain.position(i))
-            out = diffusion._model_at(model, x, tables.model_t.index_select(0, index))
+            out = diffusion._model_at(model, x, tables.model_t.index_select(0, index), model_kwargs)
             noise = torch.randn(shape, generator=generator, device=x.device) if key is None and chain.takes_noise else None
             chain.update(ops, x, out, index, tables.t.index_select(0, index), tables, history, noise, key)
         return x
@@ -279,6 +286,7 @@ class GaussianDiffusion:
         sample_index: int = 0,
         step: int = 0,
         key: torch.Tensor | None = None,
+        model_kwargs: dict | None = None,
     ) -> dict:
         """The training objective for a batch: dict(loss, per_sample, mse, vb, t).
 
@@ -290,9 +298,11 @@ class GaussianDiffusion:
         (what a loss-aware timestep sampler learns from); ``vb`` is L_t in bits/dim, or None.
         ``key`` (`fastddpm.rng.noise_key`: int64 [seed, sample_index, step] on x0's device) may
         replace the three integers: a compiled training step takes it as a tensor, so a new
-        step is new data, not a recompile.
+        step is new data, not a recompile. ``model_kwargs``: each image's conditioning, handed to
+        the model (`fastddpm.conditioning`).
         """
         self._check_images("x0", x0)
+        model_kwargs = conditioning.check(model_kwargs, len(x0), x0.device)
         if self.variance == "learned_range" and self.loss == "simple":
             raise ValueError("variance='learned_range' is only trained by loss='vlb' or 'hybrid', not 'simple'")
         if t is None:
@@ -308,7 +318,7 @@ class GaussianDiffusion:
             weights = snr_weights if weights is None else weights * snr_weights
         ops = self._ops(x0)
         x_t = ops.q_sample(x0, t, coef.table, noise, key)
-        out = self._model_output(model, x_t, t, coef)
+        out = self._model_output(model, x_t, t, coef, model_kwargs)
         pred, var_values = reference.split_model_output(out, self.variance)
 
         terms = {"t": t, "mse": None, "vb": None}
@@ -333,18 +343,20 @@ class GaussianDiffusion:
             terms["vb"] = vb
         return {"loss": loss, "per_sample": per_sample, **terms}
 
-    def training_loss(self, model: Model, x0: torch.Tensor, t=None, noise=None, weights=None, **seed) -> torch.Tensor:
-        """The scalar training loss (see `training_losses` for the per-sample terms and ``seed``)."""
-        return self.training_losses(model, x0, t=t, noise=noise, weights=weights, **seed)["loss"]
+    def training_loss(self, model: Model, x0: torch.Tensor, t=None, noise=None, weights=None, **options) -> torch.Tensor:
+        """The scalar training loss (see `training_losses` for the per-sample terms, the seed and
+        ``model_kwargs``)."""
+        return self.training_losses(model, x0, t=t, noise=noise, weights=weights, **options)["loss"]
 
     # ---- the variational bound ------------------------------------------------------------
 
-    def vlb_terms(self, model: Model, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def vlb_terms(self, model: Model, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                  model_kwargs: dict | None = None) -> torch.Tensor:
         """Per-sample L_{t−1} (t > 0) or L_0 (t = 0) in bits/dim at the given x_t  — eq. (5)."""
         self._check_images("x0", x0)
         t = self._check_t(t, x0)
         coef = self.coefficients(x0)
-        out = self._model_output(model, x_t, t, coef)
+        out = self._model_output(model, x_t, t, coef, conditioning.check(model_kwargs, len(x0), x0.device))
         return self._ops(x0).vlb_terms(out, x0, x_t, t, coef.table, self.prediction, self.variance,
                                        self.clip_denoised, self.levels)
 
@@ -355,14 +367,17 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def nll(
-        self, model: Model, x0: torch.Tensor, generator: torch.Generator | None = None, progress: bool = True
+        self, model: Model, x0: torch.Tensor, generator: torch.Generator | None = None, progress: bool = True,
+        model_kwargs: dict | None = None,
     ) -> dict:
         """The full bound L = L_T + Σ_{t>1} L_{t−1} + L_0 in bits/dim, per image of the batch.
 
         Returns dict(total_bpd [B], prior_bpd [B], decoder_bpd [B], vb [B, T]); vb[:, t] is the
         term at index t (vb[:, 0] is the decoder L_0), each at x_t drawn from q(x_t | x_0).
+        ``model_kwargs``: each image's conditioning (`fastddpm.conditioning`).
         """
         self._check_images("x0", x0)
+        model_kwargs = conditioning.check(model_kwargs, len(x0), x0.device)
         coef = self.coefficients(x0)
         ops = self._ops(x0)
         batch = x0.shape[0]
@@ -371,7 +386,7 @@ class GaussianDiffusion:
             t = torch.full((batch,), i, device=x0.device, dtype=torch.int64)
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
             x_t = ops.q_sample(x0, t, coef.table, noise, None)
-            out = self._model_output(model, x_t, t, coef)
+            out = self._model_output(model, x_t, t, coef, model_kwargs)
             vb[:, i] = ops.vlb_terms(out, x0, x_t, t, coef.table, self.prediction, self.variance, self.clip_denoised,
                                      self.levels)
         prior = reference.prior_bpd(x0, coef)

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from . import distributed, options, rng, solvers, validate
+from . import conditioning, distributed, options, rng, solvers, validate
 from .diffusion import GaussianDiffusion
 from .ops import FUSED
 from .progress import bar as progress_bar
@@ -82,15 +82,18 @@ class Sampler:
         if self.device.type in COMPILE_BY_DEFAULT if compile is None else compile:
             model = torch.compile(model)
         self.model = model
-        self._graphs: dict[int, tuple] = {}
+        self._graphs: dict[tuple, tuple] = {}  # by `_signature`
 
     @torch.no_grad()
-    def sample(self, n: int, seed: int = 0, start: int = 0) -> torch.Tensor:
+    def sample(self, n: int, seed: int = 0, start: int = 0, model_kwargs: dict | None = None) -> torch.Tensor:
         """Images ``start`` … ``start`` + n − 1 of ``seed``: float32 [n, C, H, W] on the CPU, in
-        [−1, 1] when the diffusion clips x̂₀. Under `torch.distributed` every rank returns them all."""
+        [−1, 1] when the diffusion clips x̂₀. ``model_kwargs``: the conditioning of the n images
+        (tensors [n, ...] on any device, sliced and moved with each batch; `fastddpm.conditioning`).
+        Under `torch.distributed` every rank returns them all."""
         validate.integer("n", n, 1)
         validate.integer("seed", seed, 0, 2**64)
         validate.integer("start", start, 0)
+        model_kwargs = conditioning.check(model_kwargs, n)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         per_rank = -(-n // world)
         first, stop = min(rank * per_rank, n), min((rank + 1) * per_rank, n)
@@ -102,15 +105,16 @@ class Sampler:
             with progress_bar(total=len(images), unit="img", desc="sampling", disable=not self.progress or rank != 0) as bar:
                 for lo in range(0, len(images), self.batch_size):
                     hi = min(lo + self.batch_size, len(images))
-                    images[lo:hi] = self._batch(seed, start + first + lo, hi - lo)
+                    kwargs = conditioning.select(model_kwargs, first + lo, first + hi, self.device)
+                    images[lo:hi] = self._batch(seed, start + first + lo, hi - lo, kwargs)
                     bar.update(hi - lo)
         finally:
             if training:
                 self.module.train()
         return images if world == 1 else _all_gather(images, per_rank, n, self.device)
 
-    def _batch(self, seed: int, base: int, size: int) -> torch.Tensor:
-        """Images base … base + size − 1 of ``seed``, by the whole chain."""
+    def _batch(self, seed: int, base: int, size: int, kwargs: dict) -> torch.Tensor:
+        """Images base … base + size − 1 of ``seed`` with their conditioning ``kwargs``, by the whole chain."""
         samples = base + torch.arange(size, device=self.device)
         prior = rng.normal(seed, samples, self.solver.diffusion.num_timesteps, rng.STREAM_PRIOR, self.shape)
         key = rng.noise_key(seed, base, 0, self.device)
@@ -120,48 +124,56 @@ class Sampler:
             index = torch.empty(size, dtype=torch.int64, device=self.device)
             for position in positions:
                 index.fill_(position)
-                self._step(x, history, index, key)
+                self._step(x, history, index, key, kwargs)
             return x.cpu()
         with torch.cuda.device(self.device):  # graphs capture and replay on the current device
-            graph, x, history, index, static_key = self._graphs.get(size) or self._capture(size)
+            signature = _signature(size, kwargs)
+            graph, x, history, index, static_key, static_kwargs = self._graphs.get(signature) or \
+                self._capture(signature, size, kwargs)
             x.copy_(prior)
             history.zero_()
             static_key.copy_(key)
+            for name, value in static_kwargs.items():
+                if isinstance(value, torch.Tensor):
+                    value.copy_(kwargs[name])
             for position in positions:
                 index.fill_(position)
                 graph.replay()
             return x.cpu()
 
-    def _step(self, x: torch.Tensor, history: torch.Tensor, index: torch.Tensor, key: torch.Tensor) -> None:
+    def _step(self, x: torch.Tensor, history: torch.Tensor, index: torch.Tensor, key: torch.Tensor,
+              kwargs: dict) -> None:
         """The chain's step at position ``index`` [B], in place: the U-Net (autocast when ``precision``
-        asks), then the solver's fused update of x (and its history)."""
+        asks) with the batch's conditioning, then the solver's fused update of x (and its history)."""
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=False):
-            out = self.model(x, self.tables.model_t.index_select(0, index))
+            out = self.model(x, self.tables.model_t.index_select(0, index), **kwargs)
         self.solver.update(FUSED, x, out, index, self.tables.t.index_select(0, index), self.tables, history, None, key)
 
-    def _capture(self, size: int):
-        """A CUDA graph of one step at batch ``size``, updating its static x and history in place from
-        its position index and key."""
+    def _capture(self, signature: tuple, size: int, kwargs: dict):
+        """A CUDA graph of one step at batch ``size`` with conditioning shaped as ``kwargs``, updating
+        its static x and history in place from its position index, key and conditioning."""
         x = torch.zeros(size, *self.shape, device=self.device)
         history = x.new_zeros(self.solver.history_slots, *x.shape)
         index = torch.zeros(size, dtype=torch.int64, device=self.device)
         key = rng.noise_key(0, 0, 0, self.device)
+        kwargs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         side = torch.cuda.Stream(self.device)  # warm up (compile, autotune, allocate) off the capture
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(3):
-                self._step(x, history, index, key)
+                self._step(x, history, index, key, kwargs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step(x, history, index, key)
-        self._graphs[size] = graph, x, history, index, key
-        return self._graphs[size]
+            self._step(x, history, index, key, kwargs)
+        self._graphs[signature] = graph, x, history, index, key, kwargs
+        return self._graphs[signature]
 
 
-def sample(model: Callable, diffusion: GaussianDiffusion, n: int, seed: int = 0, **options) -> torch.Tensor:
-    """Images 0 … n − 1 of ``seed``: `Sampler`(model, diffusion, **options).sample(n, seed)."""
-    return Sampler(model, diffusion, **options).sample(n, seed)
+def sample(model: Callable, diffusion: GaussianDiffusion, n: int, seed: int = 0, model_kwargs: dict | None = None,
+           **options) -> torch.Tensor:
+    """Images 0 … n − 1 of ``seed``: `Sampler`(model, diffusion, **options).sample(n, seed, model_kwargs=...)."""
+    return Sampler(model, diffusion, **options).sample(n, seed, model_kwargs=model_kwargs)
 
 
 def _all_gather(shard: torch.Tensor, per_rank: int, n: int, device: torch.device) -> torch.Tensor:
@@ -171,6 +183,13 @@ def _all_gather(shard: torch.Tensor, per_rank: int, n: int, device: torch.device
     padded = shard.new_zeros(per_rank, *shard.shape[1:])
     padded[: len(shard)] = shard
     return distributed.gather(padded, dist.get_world_size())[:n].cpu()
+
+
+def _signature(size: int, kwargs: dict) -> tuple:
+    """What a captured step is specific to: the batch size and the conditioning's shapes (its flags'
+    values); (size,) without conditioning."""
+    return (size, *((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
+                    for k, v in sorted(kwargs.items())))
 
 
 def _image_shape(model, shape: Sequence[int] | None) -> tuple[int, ...]:

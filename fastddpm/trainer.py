@@ -75,7 +75,7 @@ from .unet import UNet
 # precision, compile — may change between sessions).
 RESUME_FIELDS = ("model", "data", "image_size", "background", "channels", "schedule", "timesteps", "prediction",
                  "variance", "loss", "timestep_sampler", "batch_size", "lr", "warmup", "ema_decay", "dropout", "hflip",
-                 "seed")
+                 "seed", "class_cond", "p_uncond")
 # Fields that describe the machine, not the run: a resumed run takes them afresh (`run_config`).
 MACHINE_FIELDS = ("device", "compile", "channels_last", "tf32")
 # What a run writes into its directory (besides its checkpoints).
@@ -107,13 +107,15 @@ def _existing_run(out: str | Path) -> Path:
     return out
 
 
-def build(config: TrainConfig, shape: tuple[int, int, int], levels: int) -> tuple[UNet, GaussianDiffusion]:
-    """The U-Net (sized for data of ``shape`` = (C, H, W)) and the diffusion a config describes."""
+def build(config: TrainConfig, shape: tuple[int, int, int], levels: int,
+          num_classes: int = 0) -> tuple[UNet, GaussianDiffusion]:
+    """The U-Net (sized for data of ``shape`` = (C, H, W), conditioned on ``num_classes`` classes
+    when not 0) and the diffusion a config describes."""
     channels, height, width = shape
     if height != width:
         raise ValueError(f"images must be square, got {height}x{width} (an image folder is made square with "
                          f"--image-size; crop or pad an array)")
-    extra = {} if config.dropout is None else {"dropout": config.dropout}
+    extra = {"num_classes": num_classes, **({} if config.dropout is None else {"dropout": config.dropout})}
     learned = config.variance == "learned_range"
     if config.model == "auto":
         model = UNet(auto_config(channels, height, config.model_budget, learned_variance=learned, **extra))
@@ -172,10 +174,17 @@ class Trainer:
 
         dataset = load_dataset(config.data, config.image_size, background=config.background, channels=config.channels)
         self.dataset_info = {"name": dataset.name, "shape": list(dataset.shape), "levels": dataset.levels}
+        self.classes = None
+        if config.class_cond:
+            if dataset.labels is None:
+                raise ValueError(f"class_cond needs class labels and {dataset.name} has none (labelled data: the digits, "
+                                 "CIFAR-10, a .npz with a 'labels' array, a folder with one subfolder a class)")
+            self.classes = self.dataset_info["classes"] = dataset.classes
         self.heldout = load_heldout(config.data, config.image_size)
         # held on the device as float32 when that fits data_memory_mb, else streamed from the uint8 codes
         streamed = len(dataset) * dataset.codes[0].numel() * 4 > config.data_memory_mb * 2**20
         self.data = None if streamed else dataset.tensor(self.device)
+        self.labels = None if self.classes is None else dataset.labels.to("cpu" if streamed else self.device)
         self.loader = BatchLoader(dataset, self.device, self._indices) if streamed else None
         self.images = len(dataset)
         self.batches_per_epoch = self.images // config.batch_size
@@ -183,7 +192,7 @@ class Trainer:
             raise ValueError(f"batch_size {config.batch_size} exceeds the {self.images} training images")
 
         torch.manual_seed(config.seed)  # the initial weights
-        model, self.diffusion = build(config, dataset.shape, dataset.levels)
+        model, self.diffusion = build(config, dataset.shape, dataset.levels, len(self.classes or ()))
         # the step's tables, built before the step is compiled: built inside it, they would be in its
         # first graph (with a host-to-device copy) and their cache's change would recompile it
         self.diffusion.schedule.coefficients(self.device, torch.float32)
@@ -213,23 +222,30 @@ class Trainer:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def _losses(self, x0, t, weights, key):
+    def _losses(self, x0, t, weights, key, y):
         dtype = options.PRECISIONS[self.config.precision]
         autocast = torch.autocast(self.device.type, dtype=dtype) if dtype is not None else nullcontext()
         with autocast:
-            terms = self.diffusion.training_losses(self.net, x0, t, weights=weights, key=key)
+            terms = self.diffusion.training_losses(self.net, x0, t, weights=weights, key=key,
+                                                   model_kwargs=None if y is None else {"y": y})
         return terms["loss"], terms["per_sample"]
 
     def _batch(self, generator: torch.Generator):
-        """This rank's slice of the step's global batch: (x0, t, weights, t and flips of all ranks)."""
+        """This rank's slice of the step's global batch: (x0, t, weights, labels or None, t of all ranks).
+        A label is dropped to the null class with probability p_uncond."""
         c, B = self.config, self.config.batch_size
         t, w = self.timestep_sampler.sample(B, generator=generator)
         local = slice(self.rank * self.local_batch, (self.rank + 1) * self.local_batch)
-        x0 = self.data[self._indices(self.step)] if self.loader is None else self.loader(self.step)
+        indices = self._indices(self.step)
+        x0 = self.data[indices] if self.loader is None else self.loader(self.step)
         if c.hflip:
             flip = torch.rand(B, generator=generator, device=self.device)[local] < 0.5
             x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(3), x0)
-        return x0, t[local], w[local], t
+        y = None
+        if self.labels is not None:
+            drop = torch.rand(B, generator=generator, device=self.device)[local] < c.p_uncond
+            y = torch.where(drop, len(self.classes), self.labels[indices].to(self.device))
+        return x0, t[local], w[local], y, t
 
     def _indices(self, step: int) -> torch.Tensor:
         """This rank's images in the global batch of ``step``: its slice of batch k of epoch e's seeded
@@ -247,12 +263,12 @@ class Trainer:
         """One optimizer step; returns (loss, gradient norm) as device tensors (no host sync)."""
         c = self.config
         generator = torch.Generator(self.device).manual_seed(derived_seed(c.seed, 0, self.step))
-        x0, t, w, t_all = self._batch(generator)
+        x0, t, w, y, t_all = self._batch(generator)
         torch.manual_seed(derived_seed(c.seed, 2, self.step, self.rank))  # dropout
         self.key[2].fill_(self.step)  # a scalar fill: no host-to-device copy to wait for
         for group in self.optimizer.param_groups:
             group["lr"] = c.lr * min(1.0, (self.step + 1) / max(c.warmup, 1))
-        loss, per_sample = self.losses(x0, t, w, self.key)
+        loss, per_sample = self.losses(x0, t, w, self.key, y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.optimizer)
@@ -333,8 +349,13 @@ class Trainer:
         return metrics
 
     def sample_grid(self, path: Path) -> Path:
-        """A grid of ``config.samples`` EMA samples (the same noise at every step: seed = config.seed)."""
-        return save_grid(self._samples(0, self.config.samples), path, scale=self.config.grid_scale)
+        """A grid of ``config.samples`` EMA samples (the same noise at every step: seed = config.seed);
+        of a class-conditional run, one row per class."""
+        if self.classes is None:
+            return save_grid(self._samples(0, self.config.samples), path, scale=self.config.grid_scale)
+        per_class = max(1, self.config.samples // len(self.classes))
+        y = torch.arange(len(self.classes), device=self.device).repeat_interleave(per_class)
+        return save_grid(self._samples(0, len(y), y), path, nrow=per_class, scale=self.config.grid_scale)
 
     def sample_quality(self, n: int, batch: int = 500) -> dict:
         """`fastddpm.metrics.digit_quality` of ``n`` EMA samples (images 0 … n − 1 of the run's seed)."""
@@ -346,11 +367,13 @@ class Trainer:
         return {**digit_quality(images.clamp(-1, 1)), "solver": c.sample_solver, "steps": c.sample_steps,
                 "chain": label}
 
-    def _samples(self, start: int, n: int) -> torch.Tensor:
-        """EMA images start … start + n − 1 of the run's seed, by the config's sampler."""
+    def _samples(self, start: int, n: int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """EMA images start … start + n − 1 of the run's seed, by the config's sampler, of classes ``y``
+        (None: unconditional, the null class of a class-conditional run)."""
         c = self.config
         return self.diffusion.sample(self.ema, (n, *self.dataset_info["shape"]), seed=c.seed, sample_index=start,
-                                     solver=c.sample_solver, steps=c.sample_steps, progress=False, device=self.device)
+                                     solver=c.sample_solver, steps=c.sample_steps, progress=False, device=self.device,
+                                     model_kwargs=None if y is None else {"y": y})
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if distributed.any_rank(bad, self.world, self.device):

@@ -29,6 +29,7 @@ class UNetConfig:
     dropout: float = 0.0
     groups: int = 32  # GroupNorm groups
     learned_variance: bool = False  # also output per-pixel variance interpolation values
+    num_classes: int = 0  # > 0: class-conditional, with one more "null" class (label num_classes) for no class
 
     def __post_init__(self):
         # accept lists (e.g. from JSON) but store tuples, so configs compare equal and hash
@@ -55,6 +56,7 @@ class UNetConfig:
             if r not in level_resolutions:
                 raise ValueError(f"attn_resolutions entry {r} is not a level resolution {level_resolutions}")
         validate.number("dropout", self.dropout, 0, 1, high_open=True)
+        validate.integer("num_classes", self.num_classes, 0)
         if not isinstance(self.learned_variance, bool):
             raise ValueError(f"learned_variance must be true or false, got {self.learned_variance!r}")
 
@@ -191,6 +193,8 @@ class UNet(nn.Module):
             return AttnBlock(c, cfg.groups) if res in cfg.attn_resolutions else nn.Identity()
 
         self.time_embed = nn.Sequential(_init(nn.Linear(ch, temb_ch)), nn.SiLU(), _init(nn.Linear(temb_ch, temb_ch)))
+        # a class embedding added to the timestep embedding, as improved-diffusion's; row num_classes is the null class
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, temb_ch) if cfg.num_classes else None
         self.conv_in = _init(nn.Conv2d(cfg.in_channels, ch, 3, padding=1))
 
         skip_chs, cur, res = [ch], ch, cfg.resolution  # channels of every skip connection
@@ -239,8 +243,9 @@ class UNet(nn.Module):
                 raise ValueError(f"unknown override {key!r} for preset {name!r}; UNetConfig fields: {sorted(names)}")
         return cls(replace(PRESETS[name], **overrides))
 
-    def forward(self, x, t):
-        """Predict the noise in x [B, C, H, W] at integer (or float) timesteps t [B]."""
+    def forward(self, x, t, y=None):
+        """Predict the noise in x [B, C, H, W] at integer (or float) timesteps t [B], of class y [B]
+        (int64 labels in [0, num_classes]; num_classes is the null class, also what y=None means)."""
         cfg = self.config
         if x.ndim != 4:
             raise ValueError(f"x must be 4-D [B, C, H, W], got shape {tuple(x.shape)}")
@@ -256,6 +261,15 @@ class UNet(nn.Module):
         w = self.conv_in.weight  # embed in float64 for a float64 model, else float32
         temb = timestep_embedding(t, cfg.ch, torch.promote_types(w.dtype, torch.float32)).to(w.dtype)
         temb = self.time_embed(temb)
+        if y is not None and self.class_embed is None:
+            raise ValueError("y (class labels) was given to an unconditional U-Net (num_classes 0)")
+        if self.class_embed is not None:
+            if y is None:
+                y = torch.full((B,), cfg.num_classes, dtype=torch.int64, device=x.device)
+            elif not isinstance(y, torch.Tensor) or y.shape != (B,) or y.dtype != torch.int64:
+                raise ValueError(f"y must be int64 class labels of shape [B] = [{B}], got "
+                                 f"{tuple(getattr(y, 'shape', ()))} {getattr(y, 'dtype', type(y).__name__)}")
+            temb = temb + self.class_embed(y)
 
         hs = [self.conv_in(x)]
         for level in self.down:

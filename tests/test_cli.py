@@ -268,3 +268,16 @@ def test_train_resume_refuses_a_folder_without_a_checkpoint(tmp_path):
     result = cli("train", "--resume", "--out", str(tmp_path / "run"))
     assert result.returncode == 2 and "holds no checkpoint (only log.csv)" in result.stderr
     assert (tmp_path / "run" / "log.csv").read_text() == "step,loss\n"
+
+
+def test_train_class_cond_and_info_shows_the_classes(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 2, "batch_size": 16, "timesteps": 20, "nll_images": 0,
+                                                 "quality_images": 0, "samples": 10, "sample_steps": 2}))
+    result = cli("train", "--class-cond", "--config", str(tmp_path / "c.json"), "--out", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert "ch 32 x (1, 2, 2), 1 residual block(s) a level, attention at 4x4, 10 classes;" in result.stdout
+    info = cli("info", "--checkpoint", str(tmp_path / "run"))
+    assert "classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (and the null class 10)" in info.stdout
+    np.save(tmp_path / "x.npy", np.zeros((16, 8, 8, 1), dtype=np.uint8))
+    result = cli("train", "--class-cond", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "bad"))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "class_cond needs class labels" in result.stderr

@@ -129,6 +129,26 @@ def test_image_folder(tmp_path):
     assert load_heldout(str(tmp_path), 12) is None
     with pytest.raises(DatasetError, match="size"):
         load_dataset(str(tmp_path))
+    assert ds.labels is None and ds.classes is None  # a.JPG and b.png lie at the top: no classes
+
+
+def test_an_image_folders_subfolders_are_its_classes(tmp_path):
+    for name in ("dog/1.png", "cat/2.png", "dog/nested/3.png", "cat/4.png", "zebra/5.png"):
+        _save(tmp_path / name, np.zeros((8, 8, 3), np.uint8))
+    ds = image_folder(tmp_path, 8)  # sorted: cat/2, cat/4, dog/1, dog/nested/3, zebra/5
+    assert ds.classes == ["cat", "dog", "zebra"] and ds.labels.tolist() == [0, 0, 1, 1, 2]
+
+
+def test_a_npz_labels_array_gives_the_labels(tmp_path):
+    images = np.zeros((4, 8, 8, 1), np.uint8)
+    np.savez(tmp_path / "a.npz", images=images, labels=np.array([3, 0, 1, 3]))
+    ds = load_dataset(str(tmp_path / "a.npz"))
+    assert ds.labels.tolist() == [3, 0, 1, 3] and ds.classes == ["0", "1", "2", "3"]
+    np.savez(tmp_path / "bad.npz", images=images, labels=np.array([0.5, 1, 2, 3]))
+    with pytest.raises(DatasetError, match=r"'labels' in .*bad.npz must be 4 non-negative integers, one an image; "
+                                           r"got float64 \(4,\)"):
+        load_dataset(str(tmp_path / "bad.npz"))
+    assert load_dataset(str(tmp_path / "a.npz")).codes.shape == (4, 1, 8, 8)
 
 
 def test_image_folder_center_crop(tmp_path):
@@ -170,6 +190,7 @@ def test_cifar_roundtrip(tmp_path, protocol):
         # row-major 3x32x32: first 1024 values are the red plane
         assert np.array_equal(tr.codes[0, 0].numpy().ravel(), want[0, :1024])
         assert tr.labels.tolist() == sum((batches[f"data_batch_{i}"][1] for i in range(1, 6)), [])
+        assert tr.classes[0] == "airplane" and tr.classes[9] == "truck"
         te = cifar10(path, "test")
         assert np.array_equal(te.codes.numpy().reshape(4, 3072), batches["test_batch"][0])
     assert torch.equal(load_dataset(str(tmp_path)).codes, tr.codes)

@@ -236,12 +236,15 @@ def test_torchrun_with_two_gloo_processes_equals_one_process(tmp_path):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-5)
 
 
-def test_the_step_that_gets_compiled_is_one_graph(tmp_path):
-    # Forward, q_sample and the fused loss with hybrid vb terms and importance weights: no graph
-    # break, no host sync (the key and t are tensors).
-    trainer = Trainer(small(steps=1, loss="hybrid", variance="learned_range", timestep_sampler="importance"), tmp_path)
-    x0, t, w, _ = trainer._batch(torch.Generator().manual_seed(0))
-    explained = torch._dynamo.explain(trainer._losses)(x0, t, w, trainer.key)
+@pytest.mark.parametrize("class_cond", [False, True])
+def test_the_step_that_gets_compiled_is_one_graph(tmp_path, class_cond):
+    # Forward, q_sample and the fused loss with hybrid vb terms and importance weights (and class
+    # labels): no graph break, no host sync (the key, t and y are tensors).
+    trainer = Trainer(small(steps=1, loss="hybrid", variance="learned_range", timestep_sampler="importance",
+                            class_cond=class_cond), tmp_path)
+    x0, t, w, y, _ = trainer._batch(torch.Generator().manual_seed(0))
+    assert (y is not None) == class_cond
+    explained = torch._dynamo.explain(trainer._losses)(x0, t, w, trainer.key, y)
     assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
 
 
@@ -286,3 +289,50 @@ def test_tf32_is_a_setting_recorded_in_the_run(tmp_path):
     finally:
         torch.set_float32_matmul_precision(before[0])
         torch.backends.cudnn.allow_tf32 = before[1]
+
+
+# ---- class-conditional runs (issue 15) ------------------------------------------------------------
+
+
+def test_a_class_conditional_run_records_its_classes_and_draws_a_row_a_class(tmp_path):
+    Trainer(small(steps=2, class_cond=True, samples=20), tmp_path).fit()
+    header, tensors = read_checkpoint(latest_checkpoint(tmp_path))
+    assert header["data"]["classes"] == [str(k) for k in range(10)] and header["unet"]["num_classes"] == 10
+    assert tensors["ema.class_embed.weight"].shape == (11, 128)  # 10 digits and the null class, ch 32 * 4
+    from PIL import Image
+
+    with Image.open(tmp_path / "samples.png") as grid:  # 10 rows (a digit each) of 20 // 10 = 2, 8 px at 4x
+        assert grid.size == (4 * (2 * 10 + 2), 4 * (10 * 10 + 2))
+
+
+def test_labels_are_dropped_to_the_null_class_at_p_uncond(tmp_path):
+    def labels(p_uncond, out):
+        trainer = Trainer(small(steps=1, class_cond=True, p_uncond=p_uncond, batch_size=500), tmp_path / out)
+        _, _, _, y, _ = trainer._batch(torch.Generator().manual_seed(0))
+        return y, trainer.labels[trainer._indices(0)]
+
+    y, true = labels(0.0, "none")
+    assert torch.equal(y, true) and set(true.tolist()) == set(range(10))
+    y, _ = labels(1.0, "all")
+    assert torch.equal(y, torch.full((500,), 10))
+    y, true = labels(0.1, "some")
+    dropped = (y == 10).float().mean().item()
+    assert torch.equal(y[y != 10], true[y != 10]) and 0.07 < dropped < 0.13  # 500 draws of p = 0.1: sd 0.013
+
+
+def test_class_conditional_resume_and_streaming_are_exact(tmp_path):
+    Trainer(small(steps=4, class_cond=True), tmp_path / "straight").fit()
+    Trainer(small(steps=2, class_cond=True), tmp_path / "resumed").fit()
+    Trainer(small(steps=4, class_cond=True), tmp_path / "resumed", resume=True).fit()
+    Trainer(small(steps=4, class_cond=True, data_memory_mb=0), tmp_path / "streamed").fit()
+    assert losses(tmp_path / "straight") == losses(tmp_path / "resumed") == losses(tmp_path / "streamed")
+
+
+def test_class_cond_on_data_without_labels_is_refused(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.zeros((32, 8, 8, 1), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"class_cond needs class labels and array:.*x.npy has none \(labelled data: "
+                                         r"the digits, CIFAR-10, a .npz with a 'labels' array"):
+        Trainer(small(class_cond=True, data=str(tmp_path / "x.npy")), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

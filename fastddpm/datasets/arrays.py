@@ -28,7 +28,7 @@ def array_file(path: PathLike) -> ImageDataset:
     """Images from a .npy or .npz file, loaded with allow_pickle=False, with levels=256.
 
     From a .npz the array named "images" is used, else the only array; several arrays and none
-    named "images" is an error. The array must be uint8 (floats are refused rather than guessing
+    named "images" is an error. A .npz's "labels" array (integers [N]) gives the class labels. The array must be uint8 (floats are refused rather than guessing
     their range), laid out N×H×W (one channel), N×H×W×C or N×C×H×W with C = 1 or 3. The axis
     that is 1 or 3 decides the layout; if both the last and the second are, it is N×H×W×C.
     """
@@ -40,10 +40,11 @@ def array_file(path: PathLike) -> ImageDataset:
         raise DatasetError(f"not a .npy/.npz file: {p}")
     try:
         if suffix == ".npy":
-            arr = np.load(p, allow_pickle=False)
+            arr, labels = np.load(p, allow_pickle=False), None
         else:
             with np.load(p, allow_pickle=False) as f:
                 keys = list(f.files)
+                labels = f["labels"] if "labels" in keys else None
                 if "images" in keys:
                     key = "images"
                 elif len(keys) == 1:
@@ -64,4 +65,7 @@ def array_file(path: PathLike) -> ImageDataset:
     arr = _to_nchw(arr, p)
     if arr.shape[0] == 0:
         raise DatasetError(f"no images in {p}")
-    return ImageDataset(torch.from_numpy(np.ascontiguousarray(arr)), levels=256, name=f"array:{p}")
+    if labels is not None and (labels.dtype.kind not in "iu" or labels.shape != (arr.shape[0],) or labels.min() < 0):
+        raise DatasetError(f"'labels' in {p} must be {arr.shape[0]} non-negative integers, one an image; got "
+                           f"{labels.dtype} {labels.shape}")
+    return ImageDataset(torch.from_numpy(np.ascontiguousarray(arr)), levels=256, name=f"array:{p}", labels=labels)

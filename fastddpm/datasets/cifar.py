@@ -104,6 +104,9 @@ def _read_cifar_batch(path: Path):
     return data.reshape(-1, 3, 32, 32), labels
 
 
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")  # label order
+
+
 def _cifar_dir(path: Path) -> Path | None:
     """The folder holding the batches: ``path`` itself or its cifar-10-batches-py subfolder;
     None if neither holds any batch."""
@@ -132,4 +135,4 @@ def cifar10(path: PathLike, split: str = "train") -> ImageDataset:
     parts = [_read_cifar_batch(d / n) for n in names]
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    return ImageDataset(torch.from_numpy(data), levels=256, name=f"cifar10/{split}", labels=labels)
+    return ImageDataset(torch.from_numpy(data), levels=256, name=f"cifar10/{split}", labels=labels, classes=CLASSES)

@@ -54,7 +54,8 @@ class ImageDataset(Dataset):
 
     ``levels`` is 256 for 8-bit images and 17 for the digits; ``name`` describes the set (e.g.
     "digits/train"); ``labels`` is int64 [N] where the source has class labels (digits,
-    CIFAR-10), else None. ``ds[i]`` is one image, float32 [C, H, W] in [-1, 1], without its
+    CIFAR-10, a .npz's "labels", an image folder's subfolders), else None, and ``classes`` their
+    names (label k is ``classes[k]``; by default "0", "1", ...). ``ds[i]`` is one image, float32 [C, H, W] in [-1, 1], without its
     label, so the set works with a DataLoader; `tensor` gives the whole set at once, as the
     small sets are trained from memory (larger ones are streamed, `fastddpm.loader`).
     """
@@ -65,6 +66,7 @@ class ImageDataset(Dataset):
         levels: int = 256,
         name: str = "",
         labels: torch.Tensor | np.ndarray | Sequence[int] | None = None,
+        classes: Sequence[str] | None = None,
     ):
         if isinstance(codes, np.ndarray):
             codes = torch.from_numpy(np.ascontiguousarray(codes))
@@ -84,7 +86,15 @@ class ImageDataset(Dataset):
             labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64).reshape(-1)
             if labels.shape[0] != codes.shape[0]:
                 raise ValueError(f"{labels.shape[0]} labels for {codes.shape[0]} images")
-        self.labels = labels
+            if labels.numel() and int(labels.min()) < 0:
+                raise ValueError(f"labels must be non-negative class indices, got {int(labels.min())}")
+            count = int(labels.max()) + 1 if labels.numel() else 0
+            classes = [str(k) for k in range(count)] if classes is None else [str(c) for c in classes]
+            if len(classes) < count:
+                raise ValueError(f"{len(classes)} class names for labels up to {count - 1}")
+        elif classes is not None:
+            raise ValueError("class names were given without labels")
+        self.labels, self.classes = labels, classes
 
     def __len__(self) -> int:
         return self.codes.shape[0]

@@ -114,7 +114,9 @@ def image_folder(path: PathLike, size: int, *, background: str = "white", channe
     """Every .png, .jpg or .jpeg (any case) under ``path``, recursive and in sorted order, as
     uint8 [N, C, size, size] with levels=256, each image as `decode_image` makes it.
 
-    C is ``channels``, or when None 1 if every image is grayscale, else 3. The images are decoded
+    C is ``channels``, or when None 1 if every image is grayscale, else 3. When every image lies in
+    a subfolder, the subfolders are the classes (torchvision's ImageFolder convention): labels by
+    the sorted subfolder names. The images are decoded
     once into the folder's cache (`cache.cached_images`: a memory-mapped .npy under ``cache_dir``,
     $FASTDDPM_CACHE or ~/.cache/fastddpm/folders, decoded by ``workers`` processes, default one a
     core from 1,024 images) and the set's codes are that memory map: nothing is read whole.
@@ -140,7 +142,19 @@ def image_folder(path: PathLike, size: int, *, background: str = "white", channe
 
     codes, _ = cache.cached_images(root, names, {"size": size, "background": background, "channels": channels}, plan,
                                    cache_dir=cache_dir, workers=workers)
-    return ImageDataset(torch.from_numpy(codes), levels=256, name=f"folder:{root}")
+    labels, classes = _subfolder_classes(names)
+    return ImageDataset(torch.from_numpy(codes), levels=256, name=f"folder:{root}", labels=labels, classes=classes)
+
+
+def _subfolder_classes(names: list[str]):
+    """(labels, class names) from the first folder of each relative path, or (None, None) when some
+    image lies at the top."""
+    tops = [name.split("/", 1)[0] if "/" in name else None for name in names]
+    if None in tops:
+        return None, None
+    classes = sorted(set(tops))
+    index = {c: k for k, c in enumerate(classes)}
+    return np.array([index[t] for t in tops], dtype=np.int64), classes
 
 
 def _check_size(size, where) -> int:

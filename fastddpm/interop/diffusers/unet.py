@@ -104,6 +104,8 @@ def unet_config_from_diffusers(config) -> UNetConfig:
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict:
     """The `UNet2DModel` keyword arguments of the same network as ``cfg``."""
+    if cfg.num_classes:
+        raise ValueError(f"a class-conditional U-Net (num_classes {cfg.num_classes}) does not convert to diffusers yet")
     attention = [cfg.resolution >> i in cfg.attn_resolutions for i in range(len(cfg.ch_mult))]
     return {
         "sample_size": cfg.resolution, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
