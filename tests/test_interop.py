@@ -115,6 +115,24 @@ def test_round_trip_is_the_identity(repo):
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in again.state_dict().items())
 
 
+def test_class_conditional_unets_convert_both_ways():
+    # fastddpm's K classes and null class are diffusers' K + 1 class embeddings, the null class last
+    theirs = diffusers_unet({**TINY, "num_class_embeds": 4})
+    ours = unet_from_diffusers(theirs)
+    assert ours.config.num_classes == 3
+    x, t = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(2)), torch.tensor([0, 5, 500, 999])
+    y = torch.tensor([0, 1, 2, 3])  # 3: the null class
+    with torch.no_grad():
+        expected, got = theirs(x, t, class_labels=y).sample, ours(x, t, y)
+        assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+        assert torch.equal(ours(x, t), ours(x, t, torch.full((4,), 3)))
+    back = unet_to_diffusers(ours)
+    assert back.config.num_class_embeds == 4
+    assert all(torch.equal(v, theirs.state_dict()[k]) for k, v in back.state_dict().items())
+    with pytest.raises(ValueError, match="UNet2DModel num_class_embeds=1 is not supported"):
+        unet_config_from_diffusers({**TINY, "num_class_embeds": 1})
+
+
 def test_a_state_dict_that_does_not_map_lists_the_tensors():
     model = diffusers_unet(TINY)
     state = dict(model.state_dict())

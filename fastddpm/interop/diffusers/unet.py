@@ -34,7 +34,6 @@ _UNET_FIXED = {
     "resnet_time_scale_shift": "default",
     "add_attention": True,
     "class_embed_type": None,
-    "num_class_embeds": None,
 }
 _DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
 _UP_TYPES = ("UpBlock2D", "AttnUpBlock2D")
@@ -95,23 +94,28 @@ def unet_config_from_diffusers(config) -> UNetConfig:
     if c["out_channels"] not in (c["in_channels"], 2 * c["in_channels"]):
         raise _unsupported("UNet2DModel", "out_channels", c["out_channels"],
                            "in_channels, or twice it for a learned variance")
+    embeds = c["num_class_embeds"]
+    if embeds is not None and (isinstance(embeds, bool) or not isinstance(embeds, int) or embeds < 2):
+        raise _unsupported("UNet2DModel", "num_class_embeds", embeds, "None or at least 2 (the last is the null class)")
     return UNetConfig(
         in_channels=c["in_channels"], resolution=size, ch=ch, ch_mult=tuple(w // ch for w in widths),
         num_res_blocks=c["layers_per_block"], attn_resolutions=tuple(size >> i for i, a in enumerate(attention) if a),
         dropout=c["dropout"], groups=c["norm_num_groups"], learned_variance=c["out_channels"] == 2 * c["in_channels"],
+        num_classes=0 if embeds is None else embeds - 1,
     )
 
 
 def diffusers_unet_config(cfg: UNetConfig) -> dict:
-    """The `UNet2DModel` keyword arguments of the same network as ``cfg``."""
-    if cfg.num_classes:
-        raise ValueError(f"a class-conditional U-Net (num_classes {cfg.num_classes}) does not convert to diffusers yet")
+    """The `UNet2DModel` keyword arguments of the same network as ``cfg``. A class-conditional U-Net's
+    K classes and null class are diffusers' K + 1 class embeddings (the last is the null class; so a
+    diffusers model with M embeddings is fastddpm's M − 1 classes, its last label meaning "none")."""
     attention = [cfg.resolution >> i in cfg.attn_resolutions for i in range(len(cfg.ch_mult))]
     return {
         "sample_size": cfg.resolution, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
         "block_out_channels": [cfg.ch * m for m in cfg.ch_mult], "layers_per_block": cfg.num_res_blocks,
         "down_block_types": [_DOWN_TYPES[a] for a in attention], "up_block_types": [_UP_TYPES[a] for a in attention[::-1]],
-        "attention_head_dim": None, "norm_num_groups": cfg.groups, "dropout": cfg.dropout, **_UNET_FIXED,
+        "attention_head_dim": None, "norm_num_groups": cfg.groups, "dropout": cfg.dropout,
+        "num_class_embeds": cfg.num_classes + 1 if cfg.num_classes else None, **_UNET_FIXED,
     }
 
 
@@ -133,7 +137,7 @@ def _diffusers_name(name: str, levels: int) -> str:
             return f"mid_block.attentions.0.{_ATTENTION_LAYERS[layer]}.{param}"
         return f"mid_block.resnets.{int(part[-1]) - 1}.{layer}.{param}"
     top = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-           "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
+           "class_embed": "class_embedding", "norm_out": "conv_norm_out", "conv_in": "conv_in", "conv_out": "conv_out"}
     module, param = name.rsplit(".", 1)
     return f"{top[module]}.{param}"
 
