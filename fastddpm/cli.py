@@ -164,7 +164,8 @@ def _add_nll(sub) -> None:
                        formatter_class=_Help)
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint file, or a run directory (its newest)")
     p.add_argument("--data", default=None,
-                   help="held-out data (default: the held-out split of the data the checkpoint was trained on)")
+                   help="held-out data; a folder is read on the run's background with the model's channels (default: "
+                        "the held-out split of the data the checkpoint was trained on)")
     p.add_argument("--n", type=_positive_int, default=None, help="evaluate the first N images (default: all)")
     p.add_argument("--batch-size", type=_positive_int, default=512, help="images per batch")
     p.add_argument("--seed", type=int, default=0, help="seed of the x_t draws")
@@ -293,14 +294,18 @@ def _load_diffusers(path: Path, device: str):
 
 def run_nll(args) -> None:
     from .checkpoint import load_checkpoint
-    from .datasets import load_dataset, load_heldout
+    from .datasets import is_image_folder, load_dataset, load_heldout
     from .trainer import heldout_nll
 
     device = args.device or _default_device()
     model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
-    data = args.data if args.data is not None else header.get("train", {}).get("data")
-    size = header.get("train", {}).get("image_size")
-    heldout = load_heldout(data, size) if args.data is None else load_dataset(args.data, size)
+    train = header.get("train", {})
+    data = args.data if args.data is not None else train.get("data")
+    size = train.get("image_size")
+    # a folder is read as the run read its own: on its background, with the model's channels
+    folder = {"background": train.get("background", "white"), "channels": model.config.in_channels} \
+        if is_image_folder(args.data) else {}
+    heldout = load_heldout(data, size) if args.data is None else load_dataset(args.data, size, **folder)
     if heldout is None:
         raise ValueError(f"the data {data!r} has no held-out split; pass --data")
     images = heldout.tensor(device)[: args.n]

@@ -281,3 +281,29 @@ def test_train_class_cond_and_info_shows_the_classes(tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((16, 8, 8, 1), dtype=np.uint8))
     result = cli("train", "--class-cond", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "bad"))
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "class_cond needs class labels" in result.stderr
+
+
+def test_nll_reads_a_folder_as_the_run_read_its_own(tmp_path, monkeypatch, capsys):
+    # a gray run trained on a folder composited on black, scored on a folder of colour RGBA icons: read
+    # with white and three channels (the folder's own), it did not fit the model
+    from PIL import Image
+
+    from fastddpm import cli as cli_module
+    from fastddpm import datasets
+
+    torch.manual_seed(0)
+    model = UNet.from_preset("ddpm-tiny", in_channels=1)
+    path = save_checkpoint(tmp_path / "ck.safetensors", model, GaussianDiffusion(NoiseSchedule.linear(20)),
+                           data={"name": "folder:/x", "shape": [1, 16, 16], "levels": 256},
+                           train={"image_size": 16, "background": "black"})
+    folder, rng = tmp_path / "icons", np.random.default_rng(0)
+    folder.mkdir()
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 4), dtype=np.uint8), "RGBA").save(folder / f"icon{i}.png")
+    monkeypatch.setenv("FASTDDPM_CACHE", str(tmp_path / "cache"))
+    seen = []
+    load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: seen.append(k) or load(*a, **k))
+    assert cli_module.main(["nll", "--checkpoint", str(path), "--data", str(folder)]) == 0, capsys.readouterr().err
+    assert "(3 images, 20 terms)" in capsys.readouterr().out
+    assert seen == [{"background": "black", "channels": 1}]

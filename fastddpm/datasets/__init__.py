@@ -49,6 +49,7 @@ __all__ = [
     "array_file",
     "load_dataset",
     "load_heldout",
+    "is_image_folder",
     "IMAGE_EXTENSIONS",
 ]
 
@@ -75,6 +76,14 @@ def _check_folder_options(ds: ImageDataset, background: str, channels: int | Non
     return ds
 
 
+def is_image_folder(spec) -> bool:
+    """Whether `load_dataset` reads ``spec`` as an image folder (a folder without CIFAR-10 batches)."""
+    if not isinstance(spec, (str, os.PathLike)) or spec == "digits":
+        return False
+    p = Path(os.path.expanduser(os.fspath(spec)))
+    return p.is_dir() and _cifar_dir(p) is None
+
+
 def load_dataset(spec: str | None = None, size: int | None = None, *, background: str = "white",
                  channels: int | None = None, cache_dir=None) -> ImageDataset:
     """The training set named by ``spec``.
@@ -97,7 +106,7 @@ def load_dataset(spec: str | None = None, size: int | None = None, *, background
     p = Path(os.path.expanduser(os.fspath(spec)))
     if not p.exists():
         raise DatasetError(f"dataset path does not exist: {p}")
-    if p.is_dir() and _cifar_dir(p) is None:
+    if is_image_folder(p):
         return image_folder(p, _check_size(size, p), background=background, channels=channels, cache_dir=cache_dir)
     if p.is_dir() or p.suffix.lower() in (".npy", ".npz"):
         ds = cifar10(p, "train") if p.is_dir() else array_file(p)
