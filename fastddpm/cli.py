@@ -151,6 +151,11 @@ def _add_sample(sub) -> None:
                         "or a directory of PNGs at 1:1 named by image index, which shards of one run (--start) share")
     p.add_argument("--start", "--first-image", dest="start", type=int, default=0,
                    help="index of the first image (image k of a seed never changes)")
+    classes = p.add_mutually_exclusive_group()
+    classes.add_argument("--class", dest="class_", default=None, metavar="C",
+                         help="a class-conditional run: draw class C (its name or index) (default: no class)")
+    classes.add_argument("--classes", choices=("balanced",), default=None,
+                         help="a class-conditional run: image k is class k mod K; a .png grid has a row a class")
     _add_solver(p)
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
@@ -261,12 +266,14 @@ def run_sample(args) -> None:
         header = {}
     else:
         model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
+    names = _class_names(model, header)
+    labels = _labels(args, names)
     sampler = _sampler(args, model, diffusion, cuda_graph=args.cuda_graph)
     seed = args.seed or 0
     # what makes image k (a directory of PNGs holds one run's, fastddpm.images); rank 0 checks it
     # with the output's folder before any image is drawn, and the ranks stop together
     run = {"model": digest(model), "diffusion": diffusion.config(), "chain": sampler.solver.label, "seed": seed,
-           "precision": args.precision or "fp32"}
+           "precision": args.precision or "fp32", "classes": args.classes or args.class_}
     refused = None
     if rank == 0:
         try:
@@ -276,12 +283,42 @@ def run_sample(args) -> None:
     if distributed.any_rank(refused is not None, world, device):
         raise refused or ValueError(f"rank 0 cannot write to {args.out}")
     started = time.perf_counter()
-    images = sampler.sample(args.n, seed=seed, start=args.start)
+    images = sampler.sample(args.n, seed=seed, start=args.start,
+                            model_kwargs=None if labels is None else {"y": labels(args.start, args.n)})
     seconds = time.perf_counter() - started
     if rank == 0:
+        nrow = None
+        if args.classes and args.out.suffix.lower() == ".png":  # the grid: a row a class
+            order = torch.argsort(labels(args.start, args.n), stable=True)
+            images, nrow = images[order], -(-args.n // len(names))
         path = save_images(images, args.out, first=args.start, scale=header.get("train", {}).get("grid_scale", 1),
-                           run=run)
+                           run=run, nrow=nrow)
         print(f"wrote {args.n} samples to {path} ({args.n / seconds:.1f} images/s)")
+
+
+def _class_names(model, header: dict) -> list[str]:
+    """The classes of a class-conditional model (the checkpoint's names, else "0", "1", ...); [] if none."""
+    count = getattr(getattr(model, "config", None), "num_classes", 0)
+    names = header.get("data", {}).get("classes") or [str(k) for k in range(count)]
+    return names[:count]
+
+
+def _labels(args, names: list[str]):
+    """None, or the function (start, n) -> the class of images start … start + n − 1 that --class or
+    --classes asks for: a function of the image index, so shards agree."""
+    if args.class_ is None and args.classes is None:
+        return None
+    if not names:
+        raise ValueError("--class/--classes need a class-conditional run (fastddpm train --class-cond); this model "
+                         "has no classes")
+    if args.classes == "balanced":
+        return lambda start, n: (start + torch.arange(n)) % len(names)
+    index = names.index(args.class_) if args.class_ in names else \
+        int(args.class_) if args.class_.isdigit() and int(args.class_) < len(names) else None
+    if index is None:
+        raise ValueError(f"--class {args.class_!r} is not a class of this model: {', '.join(names)} (or 0 to "
+                         f"{len(names) - 1})")
+    return lambda start, n: torch.full((n,), index, dtype=torch.int64)
 
 
 def _load_diffusers(path: Path, device: str):

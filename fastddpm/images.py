@@ -83,15 +83,16 @@ def prepare_output(path, run: dict | None = None) -> Path:
     return path
 
 
-def save_images(images: torch.Tensor, path, first: int = 0, scale: int = 1, run: dict | None = None) -> Path:
-    """Write images [N, C, H, W] in [−1, 1] by ``path``'s suffix: ``.png`` one grid, each image
-    enlarged ``scale`` times; ``.npz`` a uint8 [N, H, W, C] array ``arr_0`` (what FID tools read);
+def save_images(images: torch.Tensor, path, first: int = 0, scale: int = 1, run: dict | None = None,
+                nrow: int | None = None) -> Path:
+    """Write images [N, C, H, W] in [−1, 1] by ``path``'s suffix: ``.png`` one grid of ``nrow`` a row
+    (default √N), each image enlarged ``scale`` times; ``.npz`` a uint8 [N, H, W, C] array ``arr_0`` (what FID tools read);
     no suffix a directory of PNGs at 1:1 as in the .npz, named by global image index (``first`` …
     ``first`` + N − 1, six digits or more), owned by ``run`` (`prepare_output`). Each file is
     written under a temporary name and renamed into place."""
     path = prepare_output(path, {} if run is None else run)
     if path.suffix.lower() == ".png":
-        save_grid(images, path, scale=scale)
+        save_grid(images, path, nrow=nrow, scale=scale)
     elif path.suffix.lower() == ".npz":
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
             np.savez(f, arr_0=quantize(images, 256).permute(0, 2, 3, 1).numpy())

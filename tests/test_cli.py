@@ -307,3 +307,59 @@ def test_nll_reads_a_folder_as_the_run_read_its_own(tmp_path, monkeypatch, capsy
     assert cli_module.main(["nll", "--checkpoint", str(path), "--data", str(folder)]) == 0, capsys.readouterr().err
     assert "(3 images, 20 terms)" in capsys.readouterr().out
     assert seen == [{"background": "black", "channels": 1}]
+
+
+@pytest.fixture(scope="module")
+def conditional(tmp_path_factory):
+    torch.manual_seed(0)
+    model = UNet.from_preset("ddpm-tiny", num_classes=3)
+    with torch.no_grad():  # random weights everywhere: the zero-initialised output would hide the labels
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("cond") / "checkpoint.safetensors"
+    save_checkpoint(path, model, GaussianDiffusion(NoiseSchedule.linear(20)), train={"grid_scale": 1},
+                    data={"name": "folder:/animals", "shape": [3, 16, 16], "levels": 256, "classes": ["cat", "dog", "zebra"]})
+    return path
+
+
+def test_sample_draws_the_classes_asked_for(conditional, tmp_path):
+    base = ["sample", "--checkpoint", str(conditional), "--no-compile", "--steps", "3"]
+
+    def draw(*args, out):
+        result = cli(*base, *args, "--out", str(tmp_path / out))
+        assert result.returncode == 0, result.stderr
+        return np.load(tmp_path / out)["arr_0"] if out.endswith(".npz") else tmp_path / out
+
+    dog = draw("--class", "dog", "--n", "4", out="dog.npz")
+    assert np.array_equal(draw("--class", "1", "--n", "4", out="one.npz"), dog)  # a name or an index
+    assert not np.array_equal(draw("--class", "cat", "--n", "4", out="cat.npz"), dog)
+    balanced = draw("--classes", "balanced", "--n", "6", out="all.npz")  # image k is class k mod 3
+    assert np.array_equal(balanced[4], draw("--class", "dog", "--n", "1", "--start", "4", out="d4.npz")[0])
+    for start in ("0", "3"):  # shards of a balanced run fill one directory as one run would
+        draw("--classes", "balanced", "--n", "3", "--start", start, out="shards")
+    from PIL import Image
+
+    for k in range(6):
+        with Image.open(tmp_path / "shards" / f"{k:06d}.png") as image:
+            assert np.array_equal(np.asarray(image), balanced[k])
+    with Image.open(draw("--classes", "balanced", "--n", "6", out="grid.png")) as grid:
+        assert grid.size == (2 + 2 * 18, 2 + 3 * 18)  # a row a class: 3 rows of 2 tiles of 16 px + padding 2
+        tiles = np.asarray(grid)
+        assert np.array_equal(tiles[2:18, 2:18], balanced[0]) and np.array_equal(tiles[2:18, 20:36], balanced[3])
+        assert np.array_equal(tiles[20:36, 2:18], balanced[1])  # row 2: the dogs, images 1 and 4
+
+
+@pytest.mark.parametrize(
+    "which, args, message",
+    [
+        ("conditional", ["--class", "bird"], "--class 'bird' is not a class of this model: cat, dog, zebra (or 0 to 2)"),
+        ("conditional", ["--class", "3"], "--class '3' is not a class of this model"),
+        ("checkpoint", ["--class", "0"], "--class/--classes need a class-conditional run (fastddpm train --class-cond)"),
+        ("conditional", ["--class", "0", "--classes", "balanced"], "not allowed with argument --class"),
+    ],
+)
+def test_bad_class_requests_are_one_line_errors(checkpoint, conditional, tmp_path, which, args, message):
+    path = {"checkpoint": checkpoint, "conditional": conditional}[which]
+    result = cli("sample", "--checkpoint", str(path), "--n", "2", *args, "--out", str(tmp_path / "x.png"))
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "x.png").exists()
