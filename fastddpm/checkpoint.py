@@ -56,7 +56,7 @@ def save_checkpoint(path, model: UNet, diffusion: GaussianDiffusion, ema: UNet |
     tensors["schedule.betas"] = diffusion.schedule.betas
     tensors["schedule.timesteps"] = diffusion.schedule.timesteps
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    bad = nonfinite({k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))})
+    bad = _nonfinite_weights(tensors)
     if bad:
         raise CheckpointError(f"refusing to save {path}: {len(bad)} weight tensors are NaN/Inf ({bad[0]}, ...)")
     header = {"format": FORMAT, "unet": model.config.to_dict(), "diffusion": diffusion.config(), **info}
@@ -78,6 +78,11 @@ def nonfinite(state: dict) -> list[str]:
         return []
     finite = torch.stack([torch.isfinite(v).all() for _, v in floats]).tolist()  # one host sync
     return [k for (k, _), ok in zip(floats, finite) if not ok]
+
+
+def _nonfinite_weights(tensors: dict) -> list[str]:
+    """`nonfinite` over a checkpoint's weights and their EMA (``model.*``, ``ema.*``)."""
+    return nonfinite({k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))})
 
 
 def digest(model: torch.nn.Module) -> str:
@@ -242,7 +247,7 @@ def newest_good_checkpoint(run_dir) -> tuple[Path, dict, dict, list[str]]:
     for path in reversed(run_checkpoints(run_dir)):
         try:
             header, tensors = read_checkpoint(path)
-            bad = nonfinite({k: v for k, v in tensors.items() if k.startswith(("model.", "ema."))})
+            bad = _nonfinite_weights(tensors)
             if bad:
                 raise CheckpointError(f"checkpoint {path} has NaN/Inf weights ({bad[0]}, ...)")
             return path, header, tensors, skipped

@@ -16,7 +16,7 @@ from pathlib import Path
 from . import options, validate
 from .datasets.folder import check_channels, parse_background
 from .schedule import SCHEDULES
-from .sizing import DEFAULT_BUDGET
+from .sizing import DEFAULT_BUDGET, check_budget
 from .solvers import SOLVERS
 from .unet import PRESETS as UNET_PRESETS
 
@@ -79,8 +79,7 @@ class TrainConfig:
             validate.number(name, getattr(self, name), 0)
         validate.number("ema_decay", self.ema_decay, 0, 1, high_open=True)
         validate.number("dropout", self.dropout, 0, 1, high_open=True, optional=True)
-        if not validate.number("model_budget", self.model_budget, 0) > 0:
-            raise ValueError(f"model_budget must be a positive number (MFLOPs per pixel), got {self.model_budget!r}")
+        check_budget(self.model_budget)
         validate.flag("hflip", self.hflip)
         validate.flag("class_cond", self.class_cond)
         validate.number("p_uncond", self.p_uncond, 0, 1)

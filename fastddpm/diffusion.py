@@ -127,8 +127,7 @@ class GaussianDiffusion:
     def _key(self, seed: int, sample_index: int, step: int, device: torch.device) -> torch.Tensor:
         """The noise key [seed, sample_index, step] on ``device``, made once and kept (`rng.noise_key`
         checks the values)."""
-        if isinstance(sample_index, bool) or not isinstance(sample_index, int) or sample_index < 0:
-            raise ValueError(f"sample_index must be a non-negative integer, got {sample_index!r}")
+        validate.integer("sample_index", sample_index, 0)
         coordinates = (seed, sample_index, step, device)
         key = self._keys.get(coordinates)
         if key is None:

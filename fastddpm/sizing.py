@@ -19,6 +19,7 @@ from functools import lru_cache
 
 import torch
 
+from . import validate
 from .unet import PRESETS, UNet, UNetConfig
 
 DEFAULT_BUDGET = 1.0  # forward MFLOPs per pixel: ch 32
@@ -46,8 +47,7 @@ def auto_config(channels: int, size: int, budget: float = DEFAULT_BUDGET, *, dro
     """The widest U-Net for ``channels``×``size``×``size`` images within ``budget`` forward MFLOPs
     per pixel (the narrowest, ch 16, if none fits); ``num_classes`` > 0 makes it class-conditional
     (the class embedding's cost is one row a call, nothing next to the convolutions)."""
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ValueError(f"model_budget must be a positive number (forward MFLOPs per pixel), got {budget!r}")
+    check_budget(budget)
     chosen = _config(channels, size, WIDTHS[0], dropout, learned_variance)
     for ch in WIDTHS[1:]:
         config = _config(channels, size, ch, dropout, learned_variance)
@@ -55,6 +55,13 @@ def auto_config(channels: int, size: int, budget: float = DEFAULT_BUDGET, *, dro
             break
         chosen = config
     return replace(chosen, num_classes=num_classes)
+
+
+def check_budget(budget) -> float:
+    """``budget`` if it is a finite number above 0 (forward MFLOPs per pixel), else a ValueError."""
+    if not validate.number("model_budget", budget, 0) > 0:
+        raise ValueError(f"model_budget must be a positive number (MFLOPs per pixel), got {budget!r}")
+    return budget
 
 
 def preset_for_data(name: str, channels: int, size: int, **overrides) -> UNetConfig:

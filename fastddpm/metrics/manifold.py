@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import validate
 from .frechet import check_features
 
 BLOCK = 1024  # rows of the distance matrix held at once
@@ -35,8 +36,7 @@ def inside(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
     """(precision, recall) of features ``fake`` [M, D] against ``real`` [N, D] with k-NN balls."""
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    validate.integer("k", k, 1)
     real, fake = check_features("real", real, k + 1), check_features("fake", fake, k + 1)
     if real.shape[1] != fake.shape[1]:
         raise ValueError(f"real and fake must have the same feature size, got {real.shape[1]} and {fake.shape[1]}")
