@@ -22,6 +22,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", choices=sorted(WORKLOADS), default=None, help="run these workloads only")
     p.add_argument("--checkpoint", type=Path, default=Path("runs/digits"),
                    help="quality_vs_nfe: the default digits job's run directory (fastddpm train)")
+    p.add_argument("--cond-checkpoint", type=Path, default=Path("runs/digits-cond"),
+                   help="guidance: the conditional digits job's run directory (fastddpm train --class-cond)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -30,11 +32,14 @@ def main(argv=None) -> int:
     if not steady_allocator():
         print("note: not glibc; allocation page faults are left in the timings", file=sys.stderr)
     names = args.only or list(WORKLOADS)
-    if "quality_vs_nfe" in names and not args.checkpoint.exists():
-        print(f"python -m benchmarks: error: quality_vs_nfe needs the digits job's run {args.checkpoint}: train it "
-              "with `fastddpm train` or pass --checkpoint", file=sys.stderr)
-        return 2
-    ctx = Context(device, args.quick, Floors(device, args.quick), args.checkpoint)
+    for workload, run, flag, job in (("quality_vs_nfe", args.checkpoint, "--checkpoint", "fastddpm train"),
+                                     ("guidance", args.cond_checkpoint, "--cond-checkpoint",
+                                      "fastddpm train --class-cond")):
+        if workload in names and not run.exists():
+            print(f"python -m benchmarks: error: {workload} needs the run {run}: train it with `{job}` or pass "
+                  f"{flag}", file=sys.stderr)
+            return 2
+    ctx = Context(device, args.quick, Floors(device, args.quick), args.checkpoint, args.cond_checkpoint)
     print(f"copy bandwidth {ctx.floors.bandwidth / 1e9:.1f} GB/s, fp32 matmul peak "
           f"{ctx.floors.peak(torch.float32) / 1e9:.1f} GFLOP/s on {device}", file=sys.stderr)
     rows = []

@@ -20,7 +20,12 @@ its own (a failure is recorded and the next one runs), within ``--budget`` secon
   graphs + bf16, for DDPM (``--steps``) and DPM-Solver++(2M) at 20 steps: the same images to
   tolerance, images/s of each and of the bare U-Net forwards, no sync inside a chain;
 * ``train``: compiled bf16 training steps of the digits preset (300), the recompile count, no
-  sync inside the steps, then the held-out NLL.
+  sync inside the steps, then the held-out NLL;
+* ``guidance``: a class-conditional ddpm-cifar10 (10 classes) under DPM-Solver++(2M), 20 steps,
+  compile + CUDA graphs + bf16: the conditional branch alone (w = 1) against classifier-free
+  guidance (w = 3, one U-Net batch of 2B a step, combined in the fused step), images/s of each
+  (guided must reach 0.9× half the unguided rate), the guided images against eager fp32 to bf16's
+  rounding, and no sync inside the guided graph's replays.
 
 It writes DIR/gpu_check.json (after every section, so a timeout keeps what ran) and the
 benchmark rows DIR/results.csv (`harness.Row`); ``--merge DIR`` adds those rows to
@@ -440,6 +445,44 @@ def sampler(plan: Plan, rows: list) -> dict:
     return result
 
 
+def guidance(plan: Plan, rows: list) -> dict:
+    """Conditional sampling at w = 1 (one branch) and w = 3 (both, in one batch of 2B): images/s, the
+    guided images against eager fp32, a sync-free guided graph."""
+    from fastddpm.sampler import Sampler
+
+    torch.manual_seed(0)
+    model = perturbed(UNet.from_preset(plan.sampler_preset, dropout=0.0, num_classes=10).to(plan.device)).eval()
+    with torch.no_grad():
+        model.class_embed.weight.normal_()  # (its zero init would make the two branches equal)
+    diffusion = GaussianDiffusion(NoiseSchedule.linear(1000))
+    n, chain = plan.sampler_batch, dict(solver="dpmpp_2m", steps=20, classes="balanced")
+    fast = dict(compile=True, cuda_graph=True, precision="bf16") if plan.cuda else dict(compile=False)
+    settings = {"w=1 (conditional branch)": dict(guidance=1.0, **fast), "w=3 (guided, 2B a step)": dict(guidance=3.0, **fast),
+                "w=3 eager fp32": dict(guidance=3.0, compile=False, cuda_graph=False)}
+    images, speed, samplers = {}, {}, {}
+    for name, options in settings.items():
+        samplers[name] = s = Sampler(model, diffusion, batch_size=n, progress=False, **chain, **options)
+        s.sample(n, seed=0)  # warm-up: compile, capture
+        sync(plan)
+        start = time.perf_counter()
+        images[name] = s.sample(n, seed=1)
+        speed[name] = n / (time.perf_counter() - start)
+        dtype = "bf16" if options.get("precision") == "bf16" else "fp32"
+        rows.append(make_row("sample_e2e", "fused", f"classes balanced, {name}", f"{n}x{plan.sampler_preset}, 20 steps",
+                             dtype, [speed[name]], "img/s", None, plan.device))
+    guided, conditional = speed["w=3 (guided, 2B a step)"], speed["w=1 (conditional branch)"]
+    difference = (images["w=3 (guided, 2B a step)"] - images["w=3 eager fp32"]).abs()
+    result = {"images_per_s": speed, "guided_over_half_unguided": guided / (conditional / 2),
+              "difference_to_eager": {"max": float(difference.max()), "mean": float(difference.mean())}}
+    if plan.cuda:
+        s = samplers["w=3 (guided, 2B a step)"]
+        graph = next(iter(s._graphs.values()))[0]
+        result["sync_free"] = sync_free(plan, {"guided graph replays": lambda: [graph.replay() for _ in range(3)]})
+        if result["difference_to_eager"]["mean"] > 2e-2 or result["guided_over_half_unguided"] < 0.9:
+            raise AssertionError(f"guided sampling: {result}")
+    return result
+
+
 def _unet_floor(plan: Plan, s, n: int, steps: int, rows: list) -> float:
     """Images/s of the bare U-Net forwards of a chain (the sampler's compiled model, bf16, no step op)."""
     x = torch.randn(n, *s.shape, device=plan.device)
@@ -495,7 +538,7 @@ def train(plan: Plan, rows: list) -> dict:
 
 
 SECTIONS = {"env": env, "tests": tests, "sync_free": sync_free_calls, "kernels": kernel_rows,
-            "compile": compile_checks, "sampler": sampler, "train": train}
+            "compile": compile_checks, "sampler": sampler, "train": train, "guidance": guidance}
 
 
 def merge(out: Path, results: Path = RESULTS) -> int:

@@ -1,6 +1,7 @@
 """`python -m benchmarks.plot`: one PNG per workload and device from results.csv — a bar per
 provider · mode, grouped by size and dtype, with the p20–p80 range as an error bar; for
-quality_vs_nfe, the distance and the speed of each solver against its network evaluations."""
+quality_vs_nfe, the distance and the speed of each solver against its network evaluations; for
+guidance, each class's accuracy, the distance and the speed against the guidance w."""
 
 from __future__ import annotations
 
@@ -23,8 +24,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
         groups[(r["workload"], r["device"])].append(r)
     written = []
     for (workload, device), mine in sorted(groups.items()):
-        if workload == "quality_vs_nfe":
-            written.append(_plot_quality(plt, mine, device, out_dir))
+        if workload in SPECIAL:
+            written.append(SPECIAL[workload](plt, mine, device, out_dir))
             continue
         mine.sort(key=lambda r: (r["size"], r["dtype"], r["provider"], r["mode"]))
         labels = [f"{r['size']} {r['dtype']}\n{r['provider']} · {r['mode']}" for r in mine]
@@ -85,6 +86,49 @@ def _plot_quality(plt, rows: list[dict], device: str, out_dir: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _plot_guidance(plt, rows: list[dict], device: str, out_dir: Path) -> Path:
+    """Against the guidance w, medians with the p20–p80 range: each class's accuracy (thin), the
+    worst class's and the mean; the distance in sets of the floor's n beside the floor and 2.5×
+    it; images/s."""
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2))
+    floor = next(r for r in rows if r["provider"] == "floor")
+    floor_n = floor["size"].split("x")[0]
+
+    def line(ax, wanted, **style):
+        mine = sorted((float(r["provider"].removeprefix("w=")), r) for r in rows if r["provider"] != "floor"
+                      and r["mode"] == wanted)
+        w = [k for k, _ in mine]
+        ax.plot(w, [float(r["median"]) for _, r in mine], marker="o", **style)
+        ax.fill_between(w, [float(r["p20"]) for _, r in mine], [float(r["p80"]) for _, r in mine], alpha=0.15)
+
+    for mode in sorted({r["mode"] for r in rows if r["mode"].startswith("accuracy, class ")}):
+        line(axes[0], mode, color="tab:gray", linewidth=0.6, markersize=2)
+    line(axes[0], "accuracy, worst class", color="tab:red", label="worst class")
+    line(axes[0], "accuracy, mean", color="tab:blue", label="mean (gray: each class)")
+    axes[0].axhline(0.95, color="black", linestyle=":", linewidth=1, label="0.95")
+    line(axes[1], f"distance, sets of {floor_n}", color="tab:green", label=f"samples, in sets of {floor_n}")
+    axes[1].axhline(float(floor["median"]), color="black", linestyle="--", linewidth=1,
+                    label=f"floor: the {floor_n} held-out digits")
+    axes[1].axhline(2.5 * float(floor["median"]), color="black", linestyle=":", linewidth=1, label="2.5 × floor")
+    line(axes[2], next(r["mode"] for r in rows if r["unit"] == "img/s"), color="tab:purple")
+    axes[0].set(ylabel="the classifier's accuracy on the class asked for", title="accuracy")
+    axes[1].set(ylabel="distance (lower is better)", title="distance to the training digits")
+    axes[2].set(ylabel="images/s (higher is better)", title="speed (w = 0, 1: one branch; else both)", ylim=(0, None))
+    for ax in axes:
+        ax.set(xlabel="guidance w")
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"classifier-free guidance, conditional digits job — {device}", fontsize=9)
+    fig.tight_layout()
+    path = out_dir / f"guidance-{_slug(device)}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+SPECIAL = {"quality_vs_nfe": _plot_quality, "guidance": _plot_guidance}
 
 
 def main(argv=None) -> None:

@@ -10,7 +10,7 @@ from .harness import RESULTS, read_rows
 
 README = Path(__file__).parent.parent / "README.md"
 BEGIN, END = "<!-- benchmarks:begin -->", "<!-- benchmarks:end -->"
-ORDER = ["reverse_step", "train_loss", "vlb_terms", "sample_e2e", "train_e2e", "nll", "quality_vs_nfe"]
+ORDER = ["reverse_step", "train_loss", "vlb_terms", "sample_e2e", "train_e2e", "nll", "quality_vs_nfe", "guidance"]
 
 
 def _number(text: str) -> str:

@@ -33,6 +33,7 @@ class Context:
     quick: bool
     floors: Floors
     checkpoint: Path = Path("runs/digits")  # the default digits job's run (fastddpm train), for quality_vs_nfe
+    cond_checkpoint: Path = Path("runs/digits-cond")  # the conditional digits job's (--class-cond), for guidance
 
     @property
     def cuda(self) -> bool:
@@ -376,6 +377,61 @@ def quality_vs_nfe(ctx: Context) -> list[Row]:
     return rows
 
 
+GUIDANCES = (0.0, 1.0, 1.5, 2.0, 3.0, 4.0)  # classifier-free guidance's w: unconditional, conditional, guided
+GUIDED_CHAIN = dict(solver="dpmpp_2m", steps=10)  # the trainer's default chain (TrainConfig.sample_solver)
+
+
+def guidance(ctx: Context) -> list[Row]:
+    """The conditional digits job's checkpoint (``--cond-checkpoint``) sampled at each guidance w with
+    every class equally often (image k is class k mod 10): the bundled classifier's accuracy on each
+    class's samples (each class, the worst, the mean) and the distance of all n to the training
+    digits and in sets of 297 beside the floor (`fastddpm.metrics.digit_quality`), each a median and
+    range over seeds; and images/s of one batch (eager U-Net; w = 0 and 1 run one branch, any other w
+    both in one U-Net batch of 2B), the settings timed in turns (`time_calls`) so that their ratio
+    holds on a shared machine."""
+    from fastddpm.checkpoint import load_checkpoint
+    from fastddpm.datasets import quantize, to_float
+    from fastddpm.metrics import digit_floor, digit_quality
+    from fastddpm.metrics.classifier import load_digit_classifier
+
+    model, diffusion, header = load_checkpoint(ctx.cond_checkpoint, ctx.device)
+    classes = header.get("data", {}).get("classes") or []
+    if not header.get("data", {}).get("name", "").startswith("digits/") or len(classes) != 10:
+        raise ValueError(f"guidance scores the conditional digits job (fastddpm train --class-cond); "
+                         f"{ctx.cond_checkpoint} is not one")
+    classifier = load_digit_classifier().eval()
+    n, seeds, batch = (300, 1, 300) if ctx.quick else (1500, 3, 500)
+    size, floor = f"{n}x1x8x8", digit_floor()
+    labels = torch.arange(n) % len(classes)
+    rows = [make_row("guidance", "floor", "held-out digits", f"{floor['n']}x1x8x8", "fp32", [floor["distance"]],
+                     "distance", None, ctx.device)]
+    samplers = {w: Sampler(model, diffusion, **GUIDED_CHAIN, batch_size=batch, progress=False, compile=False,
+                           classes="balanced", guidance=w) for w in GUIDANCES}
+    seconds = time_calls({w: lambda s=s: s.sample(batch, seed=2**32) for w, s in samplers.items()}, ctx.device,
+                         3 if ctx.quick else 5, min_seconds=0.0)
+    for w, sampler in samplers.items():
+        accuracy, scores = [], []
+        for seed in range(seeds):
+            images = sampler.sample(n, seed=seed).clamp(-1, 1)
+            with torch.no_grad():
+                predicted = classifier(to_float(quantize(images, 17), 17)).argmax(1)
+            accuracy.append([(predicted[labels == k] == k).float().mean().item() for k in range(len(classes))])
+            scores.append(digit_quality(images))
+        provider = f"w={w:g}"
+
+        def row(mode, values, unit):
+            rows.append(make_row("guidance", provider, mode, size, "fp32", values, unit, None, ctx.device))
+
+        for k, name in enumerate(classes):
+            row(f"accuracy, class {name}", [a[k] for a in accuracy], "accuracy")
+        row("accuracy, worst class", [min(a) for a in accuracy], "accuracy")
+        row("accuracy, mean", [sum(a) / len(a) for a in accuracy], "accuracy")
+        row("distance", [q["distance"] for q in scores], "distance")
+        row(f"distance, sets of {floor['n']}", [q["distance_at_floor_n"] for q in scores], "distance")
+        row(f"speed, batch {batch}", [batch / t for t in seconds[w]], "img/s")
+    return rows
+
+
 # ---- data ---------------------------------------------------------------------------------------
 
 ADWAITA = Path("/usr/share/icons/Adwaita/32x32")  # 713 real RGBA icon PNGs, where the theme is installed
@@ -481,4 +537,4 @@ def data_loader(ctx: Context) -> list[Row]:
 
 WORKLOADS = {"reverse_step": reverse_step, "train_loss": train_loss, "vlb_terms": vlb_terms,
              "sample_e2e": sample_e2e, "train_e2e": train_e2e, "nll": nll, "quality_vs_nfe": quality_vs_nfe,
-             "data_loader": data_loader}
+             "guidance": guidance, "data_loader": data_loader}

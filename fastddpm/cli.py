@@ -22,6 +22,7 @@ import torch
 
 from . import options, validate
 from .checkpoint import CheckpointError
+from .conditioning import DEFAULT_GUIDANCE, class_labels
 from .config import TrainConfig, load_config, preset, preset_names
 from .datasets import DatasetError
 from .sizing import describe
@@ -156,6 +157,10 @@ def _add_sample(sub) -> None:
                          help="a class-conditional run: draw class C (its name or index) (default: no class)")
     classes.add_argument("--classes", choices=("balanced",), default=None,
                          help="a class-conditional run: image k is class k mod K; a .png grid has a row a class")
+    p.add_argument("--guidance", type=float, default=None, metavar="W",
+                   help="classifier-free guidance with --class/--classes: eps_u + W (eps_c - eps_u); 0 draws "
+                        "unconditional images, 1 the conditional model alone (default: "
+                        f"{DEFAULT_GUIDANCE:g}, the README's measured choice for the digits)")
     _add_solver(p)
     p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
@@ -267,13 +272,16 @@ def run_sample(args) -> None:
     else:
         model, diffusion, header = load_checkpoint(args.checkpoint, device, use_ema=not args.no_ema)
     names = _class_names(model, header)
-    labels = _labels(args, names)
-    sampler = _sampler(args, model, diffusion, cuda_graph=args.cuda_graph)
+    classes = _classes(args, names)
+    if classes is None and args.guidance is not None:
+        raise ValueError("--guidance needs --class C or --classes balanced (a class-conditional run)")
+    guidance = None if classes is None else DEFAULT_GUIDANCE if args.guidance is None else args.guidance
+    sampler = _sampler(args, model, diffusion, cuda_graph=args.cuda_graph, classes=classes, guidance=guidance)
     seed = args.seed or 0
     # what makes image k (a directory of PNGs holds one run's, fastddpm.images); rank 0 checks it
     # with the output's folder before any image is drawn, and the ranks stop together
     run = {"model": digest(model), "diffusion": diffusion.config(), "chain": sampler.solver.label, "seed": seed,
-           "precision": args.precision or "fp32", "classes": args.classes or args.class_}
+           "precision": args.precision or "fp32", "classes": args.classes or args.class_, "guidance": guidance}
     refused = None
     if rank == 0:
         try:
@@ -283,13 +291,12 @@ def run_sample(args) -> None:
     if distributed.any_rank(refused is not None, world, device):
         raise refused or ValueError(f"rank 0 cannot write to {args.out}")
     started = time.perf_counter()
-    images = sampler.sample(args.n, seed=seed, start=args.start,
-                            model_kwargs=None if labels is None else {"y": labels(args.start, args.n)})
+    images = sampler.sample(args.n, seed=seed, start=args.start)
     seconds = time.perf_counter() - started
     if rank == 0:
         nrow = None
         if args.classes and args.out.suffix.lower() == ".png":  # the grid: a row a class
-            order = torch.argsort(labels(args.start, args.n), stable=True)
+            order = torch.argsort(class_labels(classes, len(names), args.start, args.n), stable=True)
             images, nrow = images[order], -(-args.n // len(names))
         path = save_images(images, args.out, first=args.start, scale=header.get("train", {}).get("grid_scale", 1),
                            run=run, nrow=nrow)
@@ -303,22 +310,22 @@ def _class_names(model, header: dict) -> list[str]:
     return names[:count]
 
 
-def _labels(args, names: list[str]):
-    """None, or the function (start, n) -> the class of images start … start + n − 1 that --class or
-    --classes asks for: a function of the image index, so shards agree."""
+def _classes(args, names: list[str]):
+    """The Sampler's ``classes`` that --class (an index: a name or a number) or --classes
+    (balanced) asks for; None for neither."""
     if args.class_ is None and args.classes is None:
         return None
     if not names:
         raise ValueError("--class/--classes need a class-conditional run (fastddpm train --class-cond); this model "
                          "has no classes")
-    if args.classes == "balanced":
-        return lambda start, n: (start + torch.arange(n)) % len(names)
+    if args.classes is not None:
+        return args.classes
     index = names.index(args.class_) if args.class_ in names else \
         int(args.class_) if args.class_.isdigit() and int(args.class_) < len(names) else None
     if index is None:
         raise ValueError(f"--class {args.class_!r} is not a class of this model: {', '.join(names)} (or 0 to "
                          f"{len(names) - 1})")
-    return lambda start, n: torch.full((n,), index, dtype=torch.int64)
+    return index
 
 
 def _load_diffusers(path: Path, device: str):

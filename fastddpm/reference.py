@@ -56,6 +56,18 @@ def split_model_output(model_out, variance: str):
     return model_out, None
 
 
+def guided_output(model_out, guidance: float, variance: str):
+    """Classifier-free guidance (Ho & Salimans 2022, eq. (6), whose 1 + w is ``guidance`` here): the
+    output of a batch [2B] whose first B rows are the conditional branch and last B the unconditional
+    one, as one output [B]: prediction ε_u + w (ε_c − ε_u) (linear, so the same for ε, x_0 and v),
+    with the conditional branch's variance values (learned_range)."""
+    cond, uncond = model_out.chunk(2)
+    pred_c, var_c = split_model_output(cond, variance)
+    pred_u, _ = split_model_output(uncond, variance)
+    pred = pred_u + guidance * (pred_c - pred_u)
+    return pred if var_c is None else torch.cat([pred, var_c], dim=1)
+
+
 def predict_x0(pred, x_t, t, coef: Coefficients, prediction: str):
     """x̂_0 from the network's prediction of ε (eq. (4) solved for x_0), x_0 itself, or v = √ᾱ ε − √(1−ᾱ) x_0."""
     if prediction == "eps":
@@ -92,14 +104,18 @@ def p_mean_variance(model_out, x_t, t, coef: Coefficients, *, prediction: str, v
 
 
 def reverse_step(
-    x_t, model_out, t, noise, coef: Coefficients, *, prediction: str, variance: str, clip_denoised: bool, eta=None
+    x_t, model_out, t, noise, coef: Coefficients, *, prediction: str, variance: str, clip_denoised: bool, eta=None,
+    guidance=None,
 ):
     """One reverse step x_{t−1} from x_t, given the model output and the noise z.
 
     Ancestral DDPM (Algorithm 2): x_{t−1} = μ_θ + σ_t z. DDIM(η) when ``eta`` is given
     (Song et al. 2021, eq. (12)): x_{t−1} = √ᾱ_{t−1} x̂_0 + √(1 − ᾱ_{t−1} − σ²) ε̂ + σ z with
-    σ = η √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1}). No noise is added at t = 0.
+    σ = η √((1 − ᾱ_{t−1})/(1 − ᾱ_t)) √(1 − ᾱ_t/ᾱ_{t−1}). No noise is added at t = 0. With
+    ``guidance`` w, model_out holds both branches [2B] (`guided_output`).
     """
+    if guidance is not None:
+        model_out = guided_output(model_out, guidance, variance)
     out = p_mean_variance(model_out, x_t, t, coef, prediction=prediction, variance=variance, clip_denoised=clip_denoised)
     nonzero = _per_sample((t > 0).to(x_t.dtype), x_t)
     if eta is None:
@@ -112,7 +128,8 @@ def reverse_step(
     return mean + nonzero * sigma * noise
 
 
-def solver_step(x, model_out, history, noise, coefs, *, prediction: str, variance: str, clip_denoised: bool):
+def solver_step(x, model_out, history, noise, coefs, *, prediction: str, variance: str, clip_denoised: bool,
+                guidance=None):
     """One step of a multistep DPM-Solver++ chain (`fastddpm.solvers`): (x_t, new history).
 
     m0 = x̂₀ is the model's data prediction at the step's (α_s, σ_s) — DPM-Solver++ eq. (5):
@@ -120,8 +137,11 @@ def solver_step(x, model_out, history, noise, coefs, *, prediction: str, varianc
     x_t = cx x_s + c0 m0 + c1 m1 + c2 m2 + cz z, where m1, m2 are the earlier steps' x̂₀ in
     ``history`` [S, B, ...] (S ≤ 2 slots, newest first) and z is ``noise`` (None: no noise term).
     ``coefs`` maps the chain table's rows (alpha_s, sigma_s, cx, c0, c1, c2, cz) to per-sample
-    values [B]. The new history is (m0, m1) cut to S slots.
+    values [B]. The new history is (m0, m1) cut to S slots. With ``guidance`` w, model_out holds
+    both branches [2B] (`guided_output`, in x's dtype).
     """
+    if guidance is not None:
+        model_out = guided_output(model_out.to(x.dtype), guidance, variance)
     pred, _ = split_model_output(model_out, variance)
     c = {name: _per_sample(values, x) for name, values in coefs.items()}
     if prediction == "eps":

@@ -4,7 +4,9 @@
 DDIM(η) on the fused `reverse_step`, DPM-Solver++ and its SDE variant on the fused, in-place
 `solver_step`), with all noise drawn from the noise contract: x_T is the contract's prior for
 each global image index and each step's z is drawn inside the kernel from ``key`` = [seed,
-first index of the batch, 0]. So image k of a seed is the same in any batch, at any position,
+first index of the batch, 0]. A class-conditional U-Net samples the classes asked for, and with
+classifier-free guidance w (Ho & Salimans 2022) runs both branches in one U-Net call of batch 2B
+— the labels, then the null class — whose outputs the fused step combines, ε_u + w (ε_c − ε_u). So image k of a seed is the same in any batch, at any position,
 on any number of processes. A step is the U-Net (optionally compiled, under autocast,
 channels-last) and the operator, both updating preallocated tensors; on CUDA the whole step is
 captured once per batch size in a CUDA graph, so a step costs one ``fill_`` of its position and
@@ -47,6 +49,11 @@ class Sampler:
         (compile on `COMPILE_BY_DEFAULT` devices; CUDA graphs and channels-last on CUDA). channels_last
         converts the model's weights in place, which changes no result.
     shape: (C, H, W) of an image, for a model without a `UNetConfig` as ``config``.
+    classes: for a class-conditional U-Net (`UNetConfig.num_classes`): a class index for every image,
+        "balanced" (image k is class k mod K) or one label per image (`conditioning.check_classes`).
+    guidance: classifier-free guidance's w ≥ 0 with ``classes``: 0 samples the unconditional
+        branch alone (the images without classes), 1 (or None) the conditional branch alone, any
+        other w both in one batch of 2B, combined inside the fused step.
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class Sampler:
         spacing: str | None = None, karras: bool | None = None, lower_order_final: bool | None = None,
         batch_size: int = 256, precision: str = "fp32", compile: bool | None = None, cuda_graph: bool | None = None,
         channels_last: bool | None = None, progress: bool = True, shape: Sequence[int] | None = None,
+        classes=None, guidance: float | None = None,
     ):
         if not isinstance(diffusion, GaussianDiffusion):
             raise TypeError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
@@ -71,6 +79,8 @@ class Sampler:
             raise ValueError(f"cuda_graph=True requires a CUDA device, but the model is on {self.device}")
 
         self.shape = _image_shape(model, shape)
+        self.num_classes, self.classes, self.guidance = _classes_and_guidance(model, classes, guidance)
+        self.guided = self.classes is not None and self.guidance not in (None, 0, 1)
         self.tables = self.solver.tables(self.device)
         self.batch_size = batch_size
         self.dtype = options.PRECISIONS[precision]
@@ -84,6 +94,15 @@ class Sampler:
         self.model = model
         self._graphs: dict[tuple, tuple] = {}  # by `_signature`
 
+    @property
+    def label(self) -> str:
+        """The chain, and the classes and guidance asked for: "dpmpp_2m 10 steps (linspace), classes
+        balanced, guidance 2"."""
+        if self.classes is None:
+            return self.solver.label
+        which = self.classes if isinstance(self.classes, (int, str)) else "per image"
+        return f"{self.solver.label}, classes {which}, guidance {1 if self.guidance is None else self.guidance:g}"
+
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0, start: int = 0, model_kwargs: dict | None = None) -> torch.Tensor:
         """Images ``start`` … ``start`` + n − 1 of ``seed``: float32 [n, C, H, W] on the CPU, in
@@ -94,6 +113,10 @@ class Sampler:
         validate.integer("seed", seed, 0, 2**64)
         validate.integer("start", start, 0)
         model_kwargs = conditioning.check(model_kwargs, n)
+        if self.classes is not None and self.guidance != 0:  # w = 0: the unconditional branch alone
+            if "y" in model_kwargs:
+                raise ValueError("give the labels as classes or as model_kwargs['y'], not both")
+            model_kwargs = {**model_kwargs, "y": conditioning.class_labels(self.classes, self.num_classes, start, n)}
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         per_rank = -(-n // world)
         first, stop = min(rank * per_rank, n), min((rank + 1) * per_rank, n)
@@ -115,6 +138,8 @@ class Sampler:
 
     def _batch(self, seed: int, base: int, size: int, kwargs: dict) -> torch.Tensor:
         """Images base … base + size − 1 of ``seed`` with their conditioning ``kwargs``, by the whole chain."""
+        if self.guided:
+            kwargs = conditioning.guided(kwargs, self.num_classes)
         samples = base + torch.arange(size, device=self.device)
         prior = rng.normal(seed, samples, self.solver.diffusion.num_timesteps, rng.STREAM_PRIOR, self.shape)
         key = rng.noise_key(seed, base, 0, self.device)
@@ -144,10 +169,15 @@ class Sampler:
     def _step(self, x: torch.Tensor, history: torch.Tensor, index: torch.Tensor, key: torch.Tensor,
               kwargs: dict) -> None:
         """The chain's step at position ``index`` [B], in place: the U-Net (autocast when ``precision``
-        asks) with the batch's conditioning, then the solver's fused update of x (and its history)."""
+        asks) with the batch's conditioning (guided: on [x; x], both branches), then the solver's fused
+        update of x (and its history)."""
+        t = self.tables.model_t.index_select(0, index)
+        if self.guided:
+            x_in, t = torch.cat([x, x]), torch.cat([t, t])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=False):
-            out = self.model(x, self.tables.model_t.index_select(0, index), **kwargs)
-        self.solver.update(FUSED, x, out, index, self.tables.t.index_select(0, index), self.tables, history, None, key)
+            out = self.model(x_in if self.guided else x, t, **kwargs)
+        self.solver.update(FUSED, x, out, index, self.tables.t.index_select(0, index), self.tables, history, None, key,
+                           self.guidance if self.guided else None)
 
     def _capture(self, signature: tuple, size: int, kwargs: dict):
         """A CUDA graph of one step at batch ``size`` with conditioning shaped as ``kwargs``, updating
@@ -190,6 +220,22 @@ def _signature(size: int, kwargs: dict) -> tuple:
     values); (size,) without conditioning."""
     return (size, *((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
                     for k, v in sorted(kwargs.items())))
+
+
+def _classes_and_guidance(model, classes, guidance) -> tuple[int, object, float | None]:
+    """(the model's number of classes, the checked classes, the checked guidance)."""
+    config = getattr(model, "config", None)
+    num_classes = config.num_classes if isinstance(config, UNetConfig) else 0
+    validate.number("guidance", guidance, low=0, optional=True)
+    if classes is None:
+        if guidance not in (None, 0):
+            raise ValueError(f"guidance {guidance} needs classes: it pushes the conditional prediction away from "
+                             "the unconditional one")
+        return num_classes, None, guidance
+    if not num_classes:
+        raise ValueError("classes need a class-conditional model (a fastddpm U-Net with UNetConfig.num_classes > 0, "
+                         "trained with --class-cond); this one has none")
+    return num_classes, conditioning.check_classes(classes, num_classes), guidance
 
 
 def _image_shape(model, shape: Sequence[int] | None) -> tuple[int, ...]:

@@ -212,10 +212,12 @@ class Ancestral:
         coef = self.diffusion.schedule.coefficients(device, dtype)
         return Tables(coef.table, torch.arange(self.num_steps, device=coef.table.device), coef.timesteps)
 
-    def update(self, ops, x, out, index, t, tables: Tables, history, noise, key) -> None:
+    def update(self, ops, x, out, index, t, tables: Tables, history, noise, key, guidance=None) -> None:
+        """x ← the step from x at ``index`` with the model output ``out`` (both branches [2B] with
+        ``guidance``: the op's classifier-free guidance)."""
         d = self.diffusion
         x.copy_(ops.reverse_step(x, out, t, tables.table, noise, key, d.prediction, d.variance, d.clip_denoised,
-                                 self.eta))
+                                 self.eta, guidance))
 
 
 class DPMSolver:
@@ -245,10 +247,11 @@ class DPMSolver:
             self._tables[key] = Tables(self.chain.table.to(coef.table.device, dtype), t, coef.timesteps[t])
         return self._tables[key]
 
-    def update(self, ops, x, out, index, t, tables: Tables, history, noise, key) -> None:
+    def update(self, ops, x, out, index, t, tables: Tables, history, noise, key, guidance=None) -> None:
+        """As `Ancestral.update`, in place on x and the history."""
         d = self.diffusion
         ops.solver_step(x, out, index, t, tables.table, history, noise, key, d.prediction, d.variance,
-                        d.clip_denoised, self.stochastic)
+                        d.clip_denoised, self.stochastic, guidance)
 
 
 def solver_for(diffusion, solver: str | None = None, steps=None, *, eta=None, order=None, spacing=None, karras=None,

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, options, rng, solvers
+from . import conditioning, distributed, options, rng
 from .atomic import atomic_path, remove_stale
 from .checkpoint import (
     CheckpointError,
@@ -66,6 +66,7 @@ from .diffusion import GaussianDiffusion
 from .images import save_grid
 from .loader import BatchLoader
 from .progress import bar as progress_bar
+from .sampler import Sampler
 from .schedule import NoiseSchedule
 from .sizing import auto_config, preset_for_data
 from .timesteps import LossAwareSampler, sampler_by_name
@@ -354,26 +355,30 @@ class Trainer:
         if self.classes is None:
             return save_grid(self._samples(0, self.config.samples), path, scale=self.config.grid_scale)
         per_class = max(1, self.config.samples // len(self.classes))
-        y = torch.arange(len(self.classes), device=self.device).repeat_interleave(per_class)
+        y = torch.arange(len(self.classes)).repeat_interleave(per_class)
         return save_grid(self._samples(0, len(y), y), path, nrow=per_class, scale=self.config.grid_scale)
 
-    def sample_quality(self, n: int, batch: int = 500) -> dict:
-        """`fastddpm.metrics.digit_quality` of ``n`` EMA samples (images 0 … n − 1 of the run's seed)."""
+    def sample_quality(self, n: int) -> dict:
+        """`fastddpm.metrics.digit_quality` of ``n`` EMA samples (images 0 … n − 1 of the run's seed;
+        of a class-conditional run, every class equally often: image k is class k mod K)."""
         from .metrics import digit_quality
 
-        images = torch.cat([self._samples(start, min(batch, n - start)).cpu() for start in range(0, n, batch)])
-        c = self.config
-        label = solvers.solver_for(self.diffusion, c.sample_solver, c.sample_steps).label
-        return {**digit_quality(images.clamp(-1, 1)), "solver": c.sample_solver, "steps": c.sample_steps,
-                "chain": label}
+        sampler = self._sampler(None if self.classes is None else conditioning.BALANCED)
+        images = sampler.sample(n, seed=self.config.seed)
+        return {**digit_quality(images.clamp(-1, 1)), "solver": self.config.sample_solver,
+                "steps": self.config.sample_steps, "chain": sampler.label}
 
-    def _samples(self, start: int, n: int, y: torch.Tensor | None = None) -> torch.Tensor:
-        """EMA images start … start + n − 1 of the run's seed, by the config's sampler, of classes ``y``
-        (None: unconditional, the null class of a class-conditional run)."""
+    def _samples(self, start: int, n: int, classes=None) -> torch.Tensor:
+        """EMA images start … start + n − 1 of the run's seed, of ``classes`` (`_sampler`)."""
+        return self._sampler(classes).sample(n, seed=self.config.seed, start=start)
+
+    def _sampler(self, classes=None) -> Sampler:
+        """The config's chain on the EMA weights; with ``classes`` (a `Sampler`'s), classifier-free
+        guidance at `conditioning.DEFAULT_GUIDANCE`, as `fastddpm sample` draws them."""
         c = self.config
-        return self.diffusion.sample(self.ema, (n, *self.dataset_info["shape"]), seed=c.seed, sample_index=start,
-                                     solver=c.sample_solver, steps=c.sample_steps, progress=False, device=self.device,
-                                     model_kwargs=None if y is None else {"y": y})
+        guided = {} if classes is None else {"classes": classes, "guidance": conditioning.DEFAULT_GUIDANCE}
+        return Sampler(self.ema, self.diffusion, solver=c.sample_solver, steps=c.sample_steps, batch_size=500,
+                       compile=False, cuda_graph=False, channels_last=False, progress=False, **guided)
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if distributed.any_rank(bad, self.world, self.device):

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from fastddpm import options
+from fastddpm import options, validate
 from fastddpm.schedule import Coefficients
 
 _ROWS = len(Coefficients.row_names())
@@ -41,17 +41,30 @@ def images(op: str, **tensors: Tensor | None) -> Tensor:
     return first
 
 
-def model_output(op: str, out: Tensor, like: Tensor, learned: bool, name: str = "model_out") -> None:
-    """``like``'s shape (twice its channels when ``learned``), on its device; float32, float16 or
-    bfloat16 for float32 images, float64 for float64 ones."""
+def model_output(op: str, out: Tensor, like: Tensor, learned: bool, name: str = "model_out", guided: bool = False) -> None:
+    """``like``'s shape (twice its channels when ``learned``, twice its batch when ``guided``), on its
+    device; float32, float16 or bfloat16 for float32 images, float64 for float64 ones."""
     expected = list(like.shape)
     if learned:
         expected[1] *= 2
+    if guided:
+        expected[0] *= 2
     dtypes = options.MODEL_DTYPES if like.dtype == torch.float32 else (like.dtype,)
     if not isinstance(out, Tensor) or out.dtype not in dtypes or list(out.shape) != expected or out.device != like.device:
         allowed = " or ".join(_name(d) for d in dtypes)
-        raise ValueError(f"fastddpm.{op}: {name} must be {allowed} {tuple(expected)} on {like.device}"
-                         f"{' (learned_range: twice the channels)' if learned else ''}, got {_what(out)}")
+        why = [w for w, on in (("learned_range: twice the channels", learned),
+                               ("guidance: the conditional then the unconditional batch", guided)) if on]
+        why = f" ({'; '.join(why)})" if why else ""
+        raise ValueError(f"fastddpm.{op}: {name} must be {allowed} {tuple(expected)} on {like.device}{why}, "
+                         f"got {_what(out)}")
+
+
+def guidance(op: str, value) -> None:
+    """Classifier-free guidance's w: None (no guidance) or a finite number."""
+    try:
+        validate.number("guidance", value, optional=True)
+    except ValueError as err:
+        raise ValueError(f"fastddpm.{op}: {err}") from None
 
 
 def timesteps_and_table(op: str, t: Tensor, table_: Tensor, like: Tensor) -> None:

@@ -105,6 +105,18 @@ def model_offsets(e, HW, stride_c, stride_p, STRIDED: tl.constexpr):
         return e
 
 
+@triton.jit
+def model_prediction(mo, mask, uncond, w, GUIDED: tl.constexpr):
+    """The model's prediction at ``mo``, float32; with GUIDED, classifier-free guidance's
+    ε_u + w (ε_c − ε_u) of the conditional branch at ``mo`` and the unconditional one ``uncond``
+    elements after it (`fastddpm.reference.guided_output`)."""
+    p = tl.load(mo, mask=mask, other=0.0).to(tl.float32)
+    if GUIDED:
+        u = tl.load(mo + uncond, mask=mask, other=0.0).to(tl.float32)
+        p = u + w * (p - u)
+    return p
+
+
 # ---- the table and the reverse-process math ----------------------------------------------
 
 

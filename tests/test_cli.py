@@ -11,6 +11,7 @@ import torch
 
 from fastddpm import GaussianDiffusion, NoiseSchedule, UNet
 from fastddpm.checkpoint import save_checkpoint
+from fastddpm.conditioning import DEFAULT_GUIDANCE
 
 
 def cli(*args, cwd=None):
@@ -349,9 +350,30 @@ def test_sample_draws_the_classes_asked_for(conditional, tmp_path):
         assert np.array_equal(tiles[20:36, 2:18], balanced[1])  # row 2: the dogs, images 1 and 4
 
 
+def test_sample_guidance_zero_is_the_unconditional_run_and_is_recorded(conditional, tmp_path):
+    base = ["sample", "--checkpoint", str(conditional), "--no-compile", "--steps", "3", "--n", "3"]
+
+    def draw(*args, out):
+        result = cli(*base, *args, "--out", str(tmp_path / out))
+        assert result.returncode == 0, result.stderr
+        return tmp_path / out
+
+    unconditional = np.load(draw(out="none.npz"))["arr_0"]
+    assert np.array_equal(np.load(draw("--classes", "balanced", "--guidance", "0", out="w0.npz"))["arr_0"], unconditional)
+    default = np.load(draw("--classes", "balanced", out="default.npz"))["arr_0"]
+    assert np.array_equal(np.load(draw("--classes", "balanced", "--guidance", str(DEFAULT_GUIDANCE),
+                                       out="w.npz"))["arr_0"], default)
+    assert not np.array_equal(np.load(draw("--classes", "balanced", "--guidance", "1", out="w1.npz"))["arr_0"], default)
+    manifest = json.loads((draw("--classes", "balanced", "--guidance", "4", out="dir") / "samples.json").read_text())
+    assert manifest["run"]["guidance"] == 4.0 and manifest["run"]["classes"] == "balanced"
+
+
 @pytest.mark.parametrize(
     "which, args, message",
     [
+        ("conditional", ["--guidance", "2"], "--guidance needs --class C or --classes balanced"),
+        ("conditional", ["--class", "0", "--guidance", "nan"], "guidance must be a finite number"),
+        ("conditional", ["--class", "0", "--guidance", "-1"], "guidance must be a finite number in [0, inf)"),
         ("conditional", ["--class", "bird"], "--class 'bird' is not a class of this model: cat, dog, zebra (or 0 to 2)"),
         ("conditional", ["--class", "3"], "--class '3' is not a class of this model"),
         ("checkpoint", ["--class", "0"], "--class/--classes need a class-conditional run (fastddpm train --class-cond)"),

@@ -28,7 +28,8 @@ def test_the_dry_run_passes_every_section_and_writes_rows(dry_run):
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     failed = {name: s.get("error") or s.get("skipped") for name, s in report["sections"].items() if not s["ok"]}
     assert result.returncode == 0 and not failed, (failed, result.stderr[-3000:])
-    assert set(report["sections"]) == {"env", "tests", "sync_free", "kernels", "compile", "sampler", "train"}
+    assert set(report["sections"]) == {"env", "tests", "sync_free", "kernels", "compile", "sampler", "guidance",
+                                         "train"}
     assert report["sections"]["tests"]["triton_parity"]["summary"].startswith("1 passed")
     assert report["sections"]["train"]["heldout_nll_bpd"] > 0
     rows = (tmp_path / "results.csv").read_text().splitlines()

@@ -74,13 +74,15 @@ def native_normal(batch, shape, seed, sample_base, step, stream):
     return out
 
 
-def native_reverse_step(x, model_out, t, coef, noise=None, seed=0, sample_base=0, *, prediction, variance, clip, eta):
+def native_reverse_step(x, model_out, t, coef, noise=None, seed=0, sample_base=0, *, prediction, variance, clip, eta,
+                        guidance=None):
     B, N = x.shape[0], x[0].numel()
     out = torch.empty_like(x)
     _native.reverse_step(
         out.data_ptr(), x.data_ptr(), model_out.data_ptr(), DTYPE[model_out.dtype], model_out[0].numel(), t.data_ptr(),
         coef.table.data_ptr(), coef.num_timesteps, B, N, ptr(noise), seed, sample_base, PREDICTION[prediction],
-        VARIANCE[variance], clip, eta is not None, 0.0 if eta is None else eta,
+        VARIANCE[variance], clip, eta is not None, 0.0 if eta is None else eta, guidance is not None,
+        0.0 if guidance is None else guidance,
     )
     return out
 
@@ -146,7 +148,7 @@ def test_bad_arguments_raise_instead_of_reading_out_of_bounds():
         _native.reverse_step(
             out_ptr=x.data_ptr(), x_ptr=x.data_ptr(), model_ptr=x.data_ptr(), model_dtype=0, model_batch_stride=105,
             t_ptr=torch.tensor([0, 1]).data_ptr(), table_ptr=coef.table.data_ptr(), T=T, B=2, N=105, noise_ptr=0,
-            seed=0, sample_base=0, prediction=7, variance=0, clip=False, ddim=False, eta=0.0,
+            seed=0, sample_base=0, prediction=7, variance=0, clip=False, ddim=False, eta=0.0, guided=False, guidance=0.0,
         )
 
 
@@ -256,6 +258,24 @@ def test_reverse_step_matches_reference(coef, prediction, variance):
 
 
 @native
+@pytest.mark.parametrize("prediction", list(PREDICTION))
+@pytest.mark.parametrize("variance", list(VARIANCE))
+def test_guided_reverse_step_matches_reference(coef, prediction, variance):
+    """Classifier-free guidance: model_out [2B] (conditional, then unconditional), ε_u + w (ε_c − ε_u)
+    read in the kernel, against `reference.guided_output` then the step, for every dtype, DDPM and DDIM."""
+    for i, (w, eta, dtype) in enumerate(itertools.product((0.0, 1.0, 3.5), ETAS, DTYPE)):
+        g, batch = gen(100 + i), 5
+        x, z = torch.randn(batch, *SHAPE, generator=g), torch.randn(batch, *SHAPE, generator=g)
+        model_out = model_output(2 * batch, variance, dtype, seed=100 + i)
+        t = timesteps(batch, seed=i)
+        expected = reference.reverse_step(x, model_out.float(), t, z, coef, prediction=prediction, variance=variance,
+                                          clip_denoised=True, eta=eta, guidance=w)
+        got = native_reverse_step(x, model_out, t, coef, z, prediction=prediction, variance=variance, clip=True,
+                                  eta=eta, guidance=w)
+        assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+@native
 def test_reverse_step_may_write_into_x_t():
     coef = NoiseSchedule.linear(T).coefficients("cpu", torch.float32)
     batch, shape = 4, (3, 64, 64)  # threaded, several chunks per sample
@@ -266,7 +286,7 @@ def test_reverse_step_may_write_into_x_t():
     expected = native_reverse_step(x, model_out, t, coef, None, 5, 0, **kw)
     _native.reverse_step(
         x.data_ptr(), x.data_ptr(), model_out.data_ptr(), 0, model_out[0].numel(), t.data_ptr(), coef.table.data_ptr(),
-        T, batch, x[0].numel(), 0, 5, 0, PREDICTION["v"], VARIANCE["learned_range"], True, False, 0.0,
+        T, batch, x[0].numel(), 0, 5, 0, PREDICTION["v"], VARIANCE["learned_range"], True, False, 0.0, False, 0.0,
     )
     assert torch.equal(x, expected)
 

@@ -335,6 +335,53 @@ def test_solver_step_matches_reference(chain, prediction, stochastic, slots):
         close(got_h, expected_h, **TOL_STEP, msg=lambda m: f"{name} {dtype} history: {m}")
 
 
+# ---- classifier-free guidance: both branches [2B] combined in the step ---------------------------
+
+
+def guided_output(variance, seed, dtype, layout="dense"):
+    """A model output [2B, ...] (conditional rows, then unconditional) in ``dtype`` and ``layout``."""
+    _, model_out, _, _ = step_inputs(variance, seed=seed, batch=2 * B)
+    out = model_out.to(dtype)
+    return out.to(memory_format=torch.channels_last) if layout == "channels_last" else out
+
+
+@pytest.mark.parametrize("variance", VARIANCES)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_guided_reverse_step_matches_reference(coef, table, prediction, variance):
+    """ε_u + w (ε_c − ε_u) read in the kernel: DDPM and DDIM, every dtype, dense and channels-last,
+    given and drawn noise, against `reference.reverse_step(..., guidance=w)`."""
+    x, _, t, z = step_inputs(variance, seed=20)
+    for i, (eta, dtype, layout) in enumerate(zip((None, 0.5, None), DTYPES, ("dense", "channels_last", "dense"))):
+        mo, w = guided_output(variance, 21 + i, dtype, layout), (0.0, 2.0, 4.5)[i]
+        opts = dict(prediction=prediction, variance=variance, clip_denoised=i != 1, eta=eta, guidance=w)
+        expected = reference.reverse_step(x, mo.float(), t, z, coef, **opts)
+        close(reverse_step.triton_reverse_step(*dev(x, mo, t), table, dev(z), None, *opts.values()), expected,
+              **TOL_STEP)
+    z = contract_noise(7, 3, T_MIX, rng.STREAM_REVERSE, SHAPE)
+    expected = reference.reverse_step(x, mo.float(), t, z, coef, **opts)
+    close(reverse_step.triton_reverse_step(*dev(x, mo, t), table, None, key(7, 3), *opts.values()), expected,
+          **TOL_NOISE)
+
+
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_guided_solver_step_matches_reference(chain, prediction):
+    table = chain.table.float()
+    g = gen(50)
+    step = torch.tensor([0, 1, 2, 5, 9, 10, 11])
+    t = chain.timesteps[step]
+    x, z = torch.randn(B, *SHAPE, generator=g), torch.randn(B, *SHAPE, generator=g)
+    for slots, dtype, layout in zip((0, 1, 2), DTYPES, ("dense", "channels_last", "dense")):
+        mo, history = guided_output("learned_range", 60 + slots, dtype, layout), torch.randn(slots, B, *SHAPE, generator=g)
+        coefs = dict(zip(("alpha_s", "sigma_s", "cx", "c0", "c1", "c2", "cz"), table[:, step].unbind(0)))
+        expected, expected_h = reference.solver_step(x.clone(), mo, history.clone(), z, coefs, prediction=prediction,
+                                                     variance="learned_range", clip_denoised=True, guidance=2.5)
+        got, got_h = dev(x.clone(), history.clone())
+        solver_step.triton_solver_step(got, dev(mo), dev(step), dev(t), dev(table), got_h, dev(z), None, prediction,
+                                       "learned_range", True, True, 2.5)
+        close(got, expected, **TOL_STEP)
+        close(got_h, expected_h, **TOL_STEP)
+
+
 # ---- q_sample -------------------------------------------------------------------------------
 
 
@@ -543,6 +590,11 @@ def _launch_variants(table):
             mo = (layouts2 if v == "learned_range" else layouts)[layout]
             yield reverse_step, "_reverse_step_kernel", lambda p=p, v=v, clip=clip, eta=eta, z=z, mo=mo: (
                 reverse_step.triton_reverse_step(x, mo, t, table, z, None if z is not None else k, p, v, clip, eta))
+        guided1, guided2 = torch.cat([mo1, mo1]), torch.cat([mo2, mo2])
+        for p, v, eta in itertools.product(PREDICTIONS, VARIANCES, [None, 0.5]):  # guided: drawn noise, clipped
+            mo = guided2 if v == "learned_range" else guided1
+            yield reverse_step, "_reverse_step_kernel", lambda p=p, v=v, eta=eta, mo=mo: (
+                reverse_step.triton_reverse_step(x, mo, t, table, None, k, p, v, True, eta, 2.0))
         for z in (x, None):
             yield q_sample, "_q_sample_kernel", lambda z=z: q_sample.triton_q_sample(x, t, table, z, k)
         for p, z, layout in itertools.product(PREDICTIONS, (x, None), range(len(layouts2))):
@@ -557,6 +609,11 @@ def _launch_variants(table):
             yield solver_step, "_solver_step_kernel", lambda p=p, s=stochastic, z=z, h=history, mo=layouts2[layout]: (
                 solver_step.triton_solver_step(x.clone(), mo, step, chain.timesteps[step], chain.table.float(), h, z,
                                                k, p, "learned_range", True, s))
+        for p, slots, stochastic in itertools.product(PREDICTIONS, [0, 1, 2], [False, True]):  # guided, drawn noise
+            history = torch.zeros(slots, *x.shape)
+            yield solver_step, "_solver_step_kernel", lambda p=p, s=stochastic, h=history: (
+                solver_step.triton_solver_step(x.clone(), guided2, step, chain.timesteps[step], chain.table.float(), h,
+                                               None, k, p, "learned_range", True, s, 2.0))
         for p, v, clip, layout in itertools.product(PREDICTIONS, VARIANCES, [False, True], range(len(layouts))):
             mo = (layouts2 if v == "learned_range" else layouts)[layout]
             yield vlb_terms, "_vlb_terms_kernel", lambda p=p, v=v, clip=clip, mo=mo: vlb_terms.triton_vlb_terms(
@@ -597,5 +654,5 @@ def test_kernels_compile_for_cuda(monkeypatch, table):
             # (fewer where the compiler shares a lane-invariant product, or fuses one into mul.wide)
             assert PHILOX_PRODUCTS * share // 2 < products <= PHILOX_PRODUCTS * share, (name, share, products)
         compiled[name] = compiled.get(name, 0) + 1
-    assert compiled == {"_reverse_step_kernel": 288, "_q_sample_kernel": 6, "_simple_loss_kernel": 24,
-                        "_solver_step_kernel": 144, "_vlb_terms_kernel": 72}, compiled
+    assert compiled == {"_reverse_step_kernel": 288 + 54, "_q_sample_kernel": 6, "_simple_loss_kernel": 24,
+                        "_solver_step_kernel": 144 + 54, "_vlb_terms_kernel": 72}, compiled

@@ -82,4 +82,11 @@ inline void dispatch3(int v, F&& f) {
   else f(std::integral_constant<int, 2>{});
 }
 
+// Calls f(std::bool_constant<v>) for the runtime flag v: a template instance for each.
+template <class F>
+inline void dispatch_bool(bool v, F&& f) {
+  if (v) f(std::true_type{});
+  else f(std::false_type{});
+}
+
 }  // namespace fastddpm

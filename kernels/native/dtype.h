@@ -41,6 +41,19 @@ static FASTDDPM_INLINE float load(const void* base, int64_t i) {
   }
 }
 
+// The model's prediction at i; with GUIDED, classifier-free guidance's ε_u + w (ε_c − ε_u) of the
+// conditional branch at `cond` and the unconditional one at `uncond` (reference.guided_output).
+template <int DT, bool GUIDED>
+static FASTDDPM_INLINE float load_prediction(const void* cond, const void* uncond, float w, int64_t i) {
+  const float c = load<DT>(cond, i);
+  if constexpr (GUIDED) {
+    const float u = load<DT>(uncond, i);
+    return u + w * (c - u);
+  } else {
+    return c;
+  }
+}
+
 template <int DT>
 static FASTDDPM_INLINE const void* offset(const void* base, int64_t elements) {
   constexpr int64_t bytes = DT == kFloat32 ? 4 : 2;

@@ -87,16 +87,18 @@ PYBIND11_MODULE(_native, m) {
       "reverse_step",
       [](uintptr_t out, uintptr_t x, uintptr_t model, int model_dtype, int64_t model_batch_stride, uintptr_t t,
          uintptr_t table, int64_t T, int64_t B, int64_t N, uintptr_t noise, uint64_t seed, int64_t sample_base,
-         int prediction, int variance, bool clip, bool ddim, double eta) {
+         int prediction, int variance, bool clip, bool ddim, double eta, bool guided, double guidance) {
         reverse_step(ptr<float>(out), ptr<const float>(x), ptr<const void>(model), model_dtype, model_batch_stride,
                      ptr<const int64_t>(t), ptr<const float>(table), T, B, N, ptr<const float>(noise), seed,
-                     sample_base, prediction, variance, clip, ddim, eta);
+                     sample_base, prediction, variance, clip, ddim, eta, guided, guidance);
       },
       py::arg("out_ptr"), py::arg("x_ptr"), py::arg("model_ptr"), py::arg("model_dtype"),
       py::arg("model_batch_stride"), py::arg("t_ptr"), py::arg("table_ptr"), py::arg("T"), py::arg("B"),
       py::arg("N"), py::arg("noise_ptr"), py::arg("seed"), py::arg("sample_base"), py::arg("prediction"),
-      py::arg("variance"), py::arg("clip"), py::arg("ddim"), py::arg("eta"), release,
-      "reference.reverse_step into float32 [B, N] (noise_ptr 0: generated at step t[b], stream 1).");
+      py::arg("variance"), py::arg("clip"), py::arg("ddim"), py::arg("eta"), py::arg("guided"), py::arg("guidance"),
+      release,
+      "reference.reverse_step into float32 [B, N] (noise_ptr 0: generated at step t[b], stream 1; guided: the model "
+      "output holds 2B rows, conditional then unconditional).");
 
   m.def(
       "q_sample",
@@ -142,14 +144,15 @@ PYBIND11_MODULE(_native, m) {
       "solver_step",
       [](uintptr_t x, uintptr_t model, int model_dtype, int64_t model_batch_stride, uintptr_t step, uintptr_t t,
          uintptr_t table, int64_t M, int64_t B, int64_t N, uintptr_t history, int64_t slots, bool stochastic,
-         uintptr_t noise, uint64_t seed, int64_t sample_base, int prediction, bool clip) {
+         uintptr_t noise, uint64_t seed, int64_t sample_base, int prediction, bool clip, bool guided, double guidance) {
         solver_step(ptr<float>(x), ptr<const void>(model), model_dtype, model_batch_stride, ptr<const int64_t>(step),
                     ptr<const int64_t>(t), ptr<const float>(table), M, B, N, ptr<float>(history), slots, stochastic,
-                    ptr<const float>(noise), seed, sample_base, prediction, clip);
+                    ptr<const float>(noise), seed, sample_base, prediction, clip, guided, guidance);
       },
       py::arg("x_ptr"), py::arg("model_ptr"), py::arg("model_dtype"), py::arg("model_batch_stride"),
       py::arg("step_ptr"), py::arg("t_ptr"), py::arg("table_ptr"), py::arg("M"), py::arg("B"), py::arg("N"),
       py::arg("history_ptr"), py::arg("slots"), py::arg("stochastic"), py::arg("noise_ptr"), py::arg("seed"),
-      py::arg("sample_base"), py::arg("prediction"), py::arg("clip"), release,
-      "reference.solver_step in place: x and history [slots, B, N] (noise_ptr 0: drawn at step t[b], stream 1).");
+      py::arg("sample_base"), py::arg("prediction"), py::arg("clip"), py::arg("guided"), py::arg("guidance"), release,
+      "reference.solver_step in place: x and history [slots, B, N] (noise_ptr 0: drawn at step t[b], stream 1; "
+      "guided: as reverse_step's).");
 }

@@ -1,6 +1,7 @@
 // reverse_step: x_{t−1} from x_t and the model output (reference.reverse_step): ancestral DDPM
 // (Algorithm 2) or DDIM(η), with z given or drawn from the noise contract at
-// (seed, sample_base + b, t[b], STREAM_REVERSE). Every formula is fastddpm/reference.py's, in its
+// (seed, sample_base + b, t[b], STREAM_REVERSE); with guidance, the prediction is classifier-free
+// guidance's combination of the model's two branches (dtype.h). Every formula is fastddpm/reference.py's, in its
 // float32 operation order, so results match the reference to rounding of exp (and of log/cos/sin
 // where noise is generated).
 #include <cmath>
@@ -60,16 +61,17 @@ StepCoef step_coef(const Table& tab, int64_t t, int prediction, int variance, bo
   return k;
 }
 
-// One contiguous run of a sample: out[i] = x_{t−1} at x[i], pred[i], var[i] and noise z[i].
-template <int DT, int PRED, int MODE>
-FASTDDPM_CLONES void reverse_run(float* out, const float* x, const void* pred, const void* var, const float* z,
-                                 int64_t n, const StepCoef& coef, float lo, float hi) {
+// One contiguous run of a sample: out[i] = x_{t−1} at x[i], pred[i] (guided by upred[i]), var[i]
+// and noise z[i].
+template <int DT, int PRED, int MODE, bool GUIDED>
+FASTDDPM_CLONES void reverse_run(float* out, const float* x, const void* pred, const void* upred, float w,
+                                 const void* var, const float* z, int64_t n, const StepCoef& coef, float lo, float hi) {
   // A copy, which `out` cannot alias: its fields stay in registers instead of being reloaded
   // after every store (reverse_step measured 2–4% faster).
   const StepCoef k = coef;
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const float xv = x[i], p = load<DT>(pred, i);
+    const float xv = x[i], p = load_prediction<DT, GUIDED>(pred, upred, w, i);
     float x0 = PRED == kX0 ? p : k.x0.from_x * xv - k.x0.from_pred * p;
     x0 = x0 < lo ? lo : x0;  // clamp(−1, 1), or (−∞, ∞) without clipping; NaN stays NaN
     x0 = hi < x0 ? hi : x0;
@@ -93,7 +95,8 @@ FASTDDPM_CLONES void reverse_run(float* out, const float* x, const void* pred, c
 
 void reverse_step(float* out, const float* x, const void* model, int model_dtype, int64_t model_batch_stride,
                   const int64_t* t, const float* table, int64_t T, int64_t B, int64_t N, const float* noise,
-                  uint64_t seed, int64_t sample_base, int prediction, int variance, bool clip, bool ddim, double eta) {
+                  uint64_t seed, int64_t sample_base, int prediction, int variance, bool clip, bool ddim, double eta,
+                  bool guided, double guidance) {
   check_sizes(B, N);
   check_prediction(prediction);
   check_variance(variance);
@@ -105,20 +108,24 @@ void reverse_step(float* out, const float* x, const void* model, int model_dtype
   const NoiseSource source{noise, seed, sample_base};
   const int mode = ddim ? kDdim : (variance == kLearnedRange ? kLearned : kFixed);
   const float lo = clip ? -1.0f : -INFINITY, hi = clip ? 1.0f : INFINITY;
+  const float w = static_cast<float>(guidance);
   dispatch3(model_dtype, [&](auto dt) {
     dispatch3(prediction, [&](auto pred) {
       dispatch3(mode, [&](auto md) {
-        for_each_chunk(L, [&](const Chunk& c, NoiseBuffer& buf) {
-          const StepCoef k = step_coef(tab, t[c.b], prediction, variance, ddim, static_cast<float>(eta));
-          const float* z[4];
-          source.fill(L, c, static_cast<uint32_t>(t[c.b]), kStreamReverse, k.needs_noise, buf, z);
-          const void* sample_out = offset<dt>(model, c.b * model_batch_stride);
-          for (int j = 0; j < 4; ++j) {
-            const Run r = run_of(L, c, j);
-            reverse_run<dt, pred, md>(out + c.b * N + r.offset, x + c.b * N + r.offset,
-                                      offset<dt>(sample_out, r.offset), offset<dt>(sample_out, N + r.offset), z[j],
-                                      r.length, k, lo, hi);
-          }
+        dispatch_bool(guided, [&](auto g) {
+          for_each_chunk(L, [&](const Chunk& c, NoiseBuffer& buf) {
+            const StepCoef k = step_coef(tab, t[c.b], prediction, variance, ddim, static_cast<float>(eta));
+            const float* z[4];
+            source.fill(L, c, static_cast<uint32_t>(t[c.b]), kStreamReverse, k.needs_noise, buf, z);
+            const void* sample_out = offset<dt>(model, c.b * model_batch_stride);
+            const void* uncond_out = offset<dt>(model, (B + c.b) * model_batch_stride);  // guided only
+            for (int j = 0; j < 4; ++j) {
+              const Run r = run_of(L, c, j);
+              reverse_run<dt, pred, md, g>(out + c.b * N + r.offset, x + c.b * N + r.offset,
+                                           offset<dt>(sample_out, r.offset), offset<dt>(uncond_out, r.offset), w,
+                                           offset<dt>(sample_out, N + r.offset), z[j], r.length, k, lo, hi);
+            }
+          });
         });
       });
     });
