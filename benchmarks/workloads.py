@@ -386,9 +386,9 @@ def guidance(ctx: Context) -> list[Row]:
     every class equally often (image k is class k mod 10): the bundled classifier's accuracy on each
     class's samples (each class, the worst, the mean) and the distance of all n to the training
     digits and in sets of 297 beside the floor (`fastddpm.metrics.digit_quality`), each a median and
-    range over seeds; and images/s of one batch (eager U-Net; w = 0 and 1 run one branch, any other w
-    both in one U-Net batch of 2B), the settings timed in turns (`time_calls`) so that their ratio
-    holds on a shared machine."""
+    range over seeds; and images/s at one U-Net batch (eager; w = 0 and 1 run one branch, chains of
+    that many images; any other w both in each call, chains of half as many), the settings timed in
+    turns (`time_calls`) so that their ratio holds on a shared machine."""
     from fastddpm.checkpoint import load_checkpoint
     from fastddpm.datasets import quantize, to_float
     from fastddpm.metrics import digit_floor, digit_quality
@@ -428,7 +428,7 @@ def guidance(ctx: Context) -> list[Row]:
         row("accuracy, mean", [sum(a) / len(a) for a in accuracy], "accuracy")
         row("distance", [q["distance"] for q in scores], "distance")
         row(f"distance, sets of {floor['n']}", [q["distance_at_floor_n"] for q in scores], "distance")
-        row(f"speed, batch {batch}", [batch / t for t in seconds[w]], "img/s")
+        row(f"speed, U-Net batch {batch}", [batch / t for t in seconds[w]], "img/s")
     return rows
 
 

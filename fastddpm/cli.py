@@ -162,7 +162,8 @@ def _add_sample(sub) -> None:
                         "unconditional images, 1 the conditional model alone (default: "
                         f"{DEFAULT_GUIDANCE:g}, the README's measured choice for the digits)")
     _add_solver(p)
-    p.add_argument("--batch-size", type=_positive_int, default=256, help="images per batch")
+    p.add_argument("--batch-size", type=_positive_int, default=256,
+                   help="the U-Net's batch: images per batch, half as many with --guidance (both branches in one call)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=None,
                    help="replay each step as one CUDA graph (default: on for CUDA)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

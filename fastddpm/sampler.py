@@ -4,13 +4,13 @@
 DDIM(η) on the fused `reverse_step`, DPM-Solver++ and its SDE variant on the fused, in-place
 `solver_step`), with all noise drawn from the noise contract: x_T is the contract's prior for
 each global image index and each step's z is drawn inside the kernel from ``key`` = [seed,
-first index of the batch, 0]. A class-conditional U-Net samples the classes asked for, and with
-classifier-free guidance w (Ho & Salimans 2022) runs both branches in one U-Net call of batch 2B
-— the labels, then the null class — whose outputs the fused step combines, ε_u + w (ε_c − ε_u). So image k of a seed is the same in any batch, at any position,
-on any number of processes. A step is the U-Net (optionally compiled, under autocast,
-channels-last) and the operator, both updating preallocated tensors; on CUDA the whole step is
-captured once per batch size in a CUDA graph, so a step costs one ``fill_`` of its position and
-one replay. The host waits once per batch, to move its images off the device. Under
+first index of the batch, 0]. So image k of a seed is the same in any batch, at any position,
+on any number of processes. A class-conditional U-Net samples the classes asked for; with
+classifier-free guidance w (Ho & Salimans 2022) each step runs both branches in one U-Net call of
+batch 2B (the labels, then the null class), whose halves the fused step combines,
+ε_u + w (ε_c − ε_u). A step is the U-Net (optionally compiled, under autocast, channels-last) and
+the operator, both updating preallocated tensors; on CUDA the whole step is captured once per
+batch size in a CUDA graph, so a step costs one ``fill_`` of its position and one replay. The host waits once per batch, to move its images off the device. Under
 `torch.distributed`, each rank draws a contiguous block of the indices and all ranks gather
 the full result.
 """
@@ -42,8 +42,10 @@ class Sampler:
     solver, steps, eta, order, spacing, karras, lower_order_final: the chain (`solvers.solver_for`):
         "ddpm" (``steps`` respaces), "ddim" (DDIM(η)), "dpmpp_2m" or "dpmpp_2m_sde" (``steps``
         model evaluations, default 20); by default "ddpm", or "ddim" with an ``eta``.
-    batch_size: images per reverse chain (a rank's last batch holds the rest); progress: a tqdm
-        bar over the images (of rank 0's block under `torch.distributed`).
+    batch_size: the U-Net's batch: images per reverse chain, or with guidance half as many, whose two
+        branches ride in one call (so guidance costs U-Net time, not memory); a rank's last chain
+        holds the rest. progress: a tqdm bar over the images (of rank 0's block under
+        `torch.distributed`).
     precision: "fp32", "bf16" or "fp16" — autocast for the U-Net only; the chain stays float32.
     compile, cuda_graph, channels_last: the speed levers; None turns each on where it helps
         (compile on `COMPILE_BY_DEFAULT` devices; CUDA graphs and channels-last on CUDA). channels_last
@@ -82,7 +84,7 @@ class Sampler:
         self.num_classes, self.classes, self.guidance = _classes_and_guidance(model, classes, guidance)
         self.guided = self.classes is not None and self.guidance not in (None, 0, 1)
         self.tables = self.solver.tables(self.device)
-        self.batch_size = batch_size
+        self.batch_size = max(1, batch_size // 2) if self.guided else batch_size  # images per chain
         self.dtype = options.PRECISIONS[precision]
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self.progress = progress
@@ -171,11 +173,11 @@ class Sampler:
         """The chain's step at position ``index`` [B], in place: the U-Net (autocast when ``precision``
         asks) with the batch's conditioning (guided: on [x; x], both branches), then the solver's fused
         update of x (and its history)."""
-        t = self.tables.model_t.index_select(0, index)
+        x_in, t = x, self.tables.model_t.index_select(0, index)
         if self.guided:
             x_in, t = torch.cat([x, x]), torch.cat([t, t])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=False):
-            out = self.model(x_in if self.guided else x, t, **kwargs)
+            out = self.model(x_in, t, **kwargs)
         self.solver.update(FUSED, x, out, index, self.tables.t.index_select(0, index), self.tables, history, None, key,
                            self.guidance if self.guided else None)
 

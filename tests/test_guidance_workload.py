@@ -36,11 +36,11 @@ def test_a_row_per_guidance_and_measure_and_the_plot(runs, tmp_path, monkeypatch
     for w in ("w=0", "w=2"):
         modes = {mode for provider, mode in by_key if provider == w}
         assert modes == {*(f"accuracy, class {k}" for k in range(10)), "accuracy, worst class", "accuracy, mean",
-                         "distance", "distance, sets of 297", "speed, batch 300"}
+                         "distance", "distance, sets of 297", "speed, U-Net batch 300"}
         accuracy = [by_key[w, f"accuracy, class {k}"].median for k in range(10)]
         assert all(0 <= a <= 1 for a in accuracy) and by_key[w, "accuracy, worst class"].median == min(accuracy)
         assert by_key[w, "accuracy, mean"].median == pytest.approx(sum(accuracy) / 10)
-        assert by_key[w, "distance"].median > 0 and by_key[w, "speed, batch 300"].median > 0
+        assert by_key[w, "distance"].median > 0 and by_key[w, "speed, U-Net batch 300"].median > 0
         assert by_key[w, "distance, sets of 297"].size == "300x1x8x8"
     paths = plot([vars(r) | {k: str(getattr(r, k)) for k in ("median", "p20", "p80")} for r in rows], tmp_path)
     assert len(paths) == 1 and paths[0].name.startswith("guidance-") and paths[0].stat().st_size > 10_000
