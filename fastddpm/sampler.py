@@ -10,9 +10,9 @@ classifier-free guidance w (Ho & Salimans 2022) each step runs both branches in 
 batch 2B (the labels, then the null class), whose halves the fused step combines,
 ε_u + w (ε_c − ε_u). A step is the U-Net (optionally compiled, under autocast, channels-last) and
 the operator, both updating preallocated tensors; on CUDA the whole step is captured once per
-batch size in a CUDA graph, so a step costs one ``fill_`` of its position and one replay. The host waits once per batch, to move its images off the device. Under
-`torch.distributed`, each rank draws a contiguous block of the indices and all ranks gather
-the full result.
+batch size in a CUDA graph, so a step costs one ``fill_`` of its position and one replay. The
+host waits once per batch, to move its images off the device. Under `torch.distributed`, each
+rank draws a contiguous block of the indices and all ranks gather the full result.
 """
 
 from __future__ import annotations
@@ -56,6 +56,8 @@ class Sampler:
     guidance: classifier-free guidance's w ≥ 0 with ``classes``: 0 samples the unconditional
         branch alone (the images without classes), 1 (or None) the conditional branch alone, any
         other w both in one batch of 2B, combined inside the fused step.
+    distributed: under `torch.distributed`, every rank draws its block and gathers all (the default);
+        False: this process draws all n alone (a trainer's rank 0, for its grids).
     """
 
     def __init__(
@@ -64,7 +66,7 @@ class Sampler:
         spacing: str | None = None, karras: bool | None = None, lower_order_final: bool | None = None,
         batch_size: int = 256, precision: str = "fp32", compile: bool | None = None, cuda_graph: bool | None = None,
         channels_last: bool | None = None, progress: bool = True, shape: Sequence[int] | None = None,
-        classes=None, guidance: float | None = None,
+        classes=None, guidance: float | None = None, distributed: bool = True,
     ):
         if not isinstance(diffusion, GaussianDiffusion):
             raise TypeError(f"diffusion must be a GaussianDiffusion, got {type(diffusion).__name__}")
@@ -88,6 +90,7 @@ class Sampler:
         self.dtype = options.PRECISIONS[precision]
         self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
         self.progress = progress
+        self.distributed = validate.flag("distributed", distributed)
         self.module = model if isinstance(model, torch.nn.Module) else None
         if (on_cuda if channels_last is None else channels_last) and self.module is not None:
             model = model.to(memory_format=torch.channels_last)
@@ -119,7 +122,7 @@ class Sampler:
             if "y" in model_kwargs:
                 raise ValueError("give the labels as classes or as model_kwargs['y'], not both")
             model_kwargs = {**model_kwargs, "y": conditioning.class_labels(self.classes, self.num_classes, start, n)}
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if self.distributed and dist.is_initialized() else (0, 1)
         per_rank = -(-n // world)
         first, stop = min(rank * per_rank, n), min((rank + 1) * per_rank, n)
         images = torch.empty(stop - first, *self.shape)

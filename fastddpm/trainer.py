@@ -378,7 +378,8 @@ class Trainer:
         c = self.config
         guided = {} if classes is None else {"classes": classes, "guidance": conditioning.DEFAULT_GUIDANCE}
         return Sampler(self.ema, self.diffusion, solver=c.sample_solver, steps=c.sample_steps, batch_size=500,
-                       compile=False, cuda_graph=False, channels_last=False, progress=False, **guided)
+                       compile=False, cuda_graph=False, channels_last=False, progress=False, distributed=False,
+                       **guided)
 
     def _check_finite(self, bad: torch.Tensor) -> None:
         if distributed.any_rank(bad, self.world, self.device):

@@ -373,8 +373,9 @@ def test_a_channels_last_model_output_is_read_in_place(monkeypatch):
                                          "learned_range", True, None)
     assert recorder.args[1] is out  # no copy
     assert recorder.kwargs["STRIDED"]
-    # batch stride, variance offset (C channels on), HW, channel stride, pixel stride
-    assert recorder.args[12:17] == (6 * 64, 3, 64, 1, 6)
+    # batch stride, the unconditional half's offset (B samples on), variance offset (C channels on), HW,
+    # channel stride, pixel stride
+    assert recorder.args[13:19] == (6 * 64, 4 * 6 * 64, 3, 64, 1, 6)
 
 
 def test_launch_configs_give_every_thread_its_own_groups():
