@@ -78,14 +78,7 @@ def _plot_quality(plt, rows: list[dict], device: str, out_dir: Path) -> Path:
     axes[2].set(yscale="log", ylabel="images/s (higher is better)", title="speed")
     for ax in axes:
         ax.set(xscale="log", xlabel="network evaluations (NFE)")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"quality_vs_nfe — {device}", fontsize=9)
-    fig.tight_layout()
-    path = out_dir / f"quality_vs_nfe-{_slug(device)}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, axes[:2], f"quality_vs_nfe — {device}", out_dir / f"quality_vs_nfe-{_slug(device)}.png")
 
 
 def _plot_guidance(plt, rows: list[dict], device: str, out_dir: Path) -> Path:
@@ -118,11 +111,16 @@ def _plot_guidance(plt, rows: list[dict], device: str, out_dir: Path) -> Path:
     axes[2].set(ylabel="images/s (higher is better)", title="speed (w = 0, 1: one branch; else both)", ylim=(0, None))
     for ax in axes:
         ax.set(xlabel="guidance w")
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.suptitle(f"classifier-free guidance, conditional digits job — {device}", fontsize=9)
+    return _save(plt, fig, axes[:2], f"classifier-free guidance, conditional digits job — {device}",
+                 out_dir / f"guidance-{_slug(device)}.png")
+
+
+def _save(plt, fig, legends, title: str, path: Path) -> Path:
+    """Legends on the ``legends`` axes, the title, and the figure written to ``path``."""
+    for ax in legends:
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = out_dir / f"guidance-{_slug(device)}.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
