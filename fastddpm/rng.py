@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import torch
 
+from . import validate
+
 # Streams keep the noise of different uses independent.
 STREAM_PRIOR = 0  # x_T ~ N(0, I) at the start of sampling
 STREAM_REVERSE = 1  # z of the reverse step at step t
@@ -75,9 +77,7 @@ def box_muller(u1: torch.Tensor, u2: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def _seed(seed: int) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
-    return seed
+    return validate.integer("seed", seed, 0, 2**64)
 
 
 def seed_bits(seed: int) -> int:
@@ -92,8 +92,7 @@ def noise_key(seed: int, sample_base: int = 0, step: int = 0, device: torch.devi
     (`unpack_key` reads it back). Off the CPU it is made of scalar fills on the device, so making
     one never waits for the device (a copy from host memory would)."""
     for name, value in (("sample_base", sample_base), ("step", step)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**63:
-            raise ValueError(f"{name} must be an integer in [0, 2**63), got {value!r}")
+        validate.integer(name, value, 0, 2**63)
     values = (seed_bits(seed), sample_base, step)
     device = torch.device(device)
     if device.type == "cpu":

@@ -214,3 +214,17 @@ def test_classes_need_a_class_conditional_model():
                             groups=8))
     with pytest.raises(ValueError, match="classes need a class-conditional model"):
         Sampler(model, GaussianDiffusion(NoiseSchedule.linear(10)), classes=0, progress=False)
+
+
+def test_the_guided_batch_conditioning_and_the_labels_of_each_image():
+    from fastddpm import conditioning
+
+    y, embedding = torch.tensor([2, 0]), torch.randn(2, 5)
+    both = conditioning.guided({"y": y, "context": embedding, "return_dict": False}, null_class=3)
+    assert torch.equal(both["y"], torch.tensor([2, 0, 3, 3]))  # the labels, then the null class
+    assert torch.equal(both["context"], torch.cat([embedding, embedding])) and both["return_dict"] is False
+    # "balanced" and an index are functions of the image index; per-image labels are the n images' own
+    assert torch.equal(conditioning.class_labels("balanced", 3, 4, 5), torch.tensor([1, 2, 0, 1, 2]))
+    assert torch.equal(conditioning.class_labels(2, 3, 7, 2), torch.tensor([2, 2]))
+    labels = conditioning.check_classes([1, 0, 2], 3)
+    assert labels.dtype == torch.int64 and torch.equal(conditioning.class_labels(labels, 3, 10, 3), labels)
