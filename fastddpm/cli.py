@@ -261,8 +261,7 @@ def run_sample(args) -> None:
     from .checkpoint import digest, load_checkpoint
     from .images import check_suffix, prepare_output, save_images
 
-    if args.start < 0:
-        raise ValueError(f"--start must be a non-negative integer, got {args.start}")
+    validate.integer("--start", args.start, 0)
     if (args.checkpoint is None) == (args.from_diffusers is None):
         raise ValueError("give exactly one of --checkpoint PATH and --from-diffusers PATH")
     check_suffix(args.out)

@@ -161,11 +161,13 @@ def test_guided_sampling_is_the_eager_chain_on_the_guided_model(conditional, sol
     diffusion = GaussianDiffusion(NoiseSchedule.linear(100), variance="learned_range", loss="hybrid")
     steps = {"ddpm": 20, "ddim": 8, "dpmpp_2m": 6, "dpmpp_2m_sde": 6}[solver]
     calls = []
-    conditional.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
+    hook = conditional.register_forward_pre_hook(lambda module, args: calls.append(len(args[0])))
     sampler = Sampler(conditional, diffusion, solver=solver, steps=steps, batch_size=10, progress=False,
                       classes="balanced", guidance=3.0)
-    images = sampler.sample(5, seed=4, start=1)
-    conditional._forward_pre_hooks.clear()
+    try:
+        images = sampler.sample(5, seed=4, start=1)
+    finally:
+        hook.remove()
     assert calls == [10] * sampler.solver.num_steps  # one U-Net call of 2B a step, B = batch_size / 2
     labels = (1 + torch.arange(5)) % 3
     eager = GaussianDiffusion(diffusion.schedule, variance="learned_range", loss="hybrid", backend="reference")
